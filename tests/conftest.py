@@ -1,0 +1,6 @@
+"""Shared pytest set-up. Fixtures live in tests/fixtures/, one module per component."""
+
+pytest_plugins = [
+    "tests.fixtures.images",
+    "tests.fixtures.slurm",
+]
