@@ -1,0 +1,288 @@
+"""The training config: one typed section per component, loaded from YAML by `load_config`.
+
+Each component receives only its own section. Every field is documented here (`doc`), and
+`docs/config.md` is generated from these declarations (`python -m pretrain.config --docs`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from data_pipeline.config import DataConfig
+from pretrain.configlib import (
+    ConfigError,
+    build,
+    doc,
+    dump_yaml,
+    field_docs,
+    merge_into,
+    parse_overrides,
+    read_yaml_tree,
+    to_tree,
+)
+
+__all__ = ["ConfigError", "TrainConfig", "load_config"]
+
+
+@dataclass
+class RunConfig:
+    name: str = doc("Run name: the output folder is <output_dir>/<name>.", "run")
+    output_dir: str = doc(
+        "Folder holding one sub-folder per run (config, logs, checkpoints, local MLflow).", "runs"
+    )
+    seed: int = doc(
+        "Seed of everything: parameter init, data order (a function of seed and epoch), dropout.", 0, min=0
+    )
+    log_every: int = doc("Steps between metric lines on the console and in MLflow.", 10, min=1)
+    eval_every: int = doc("Steps between evaluations on data.val (0: only at the end).", 0, min=0)
+    console_all_ranks: bool = doc("Print every rank's log on the console, not only rank 0's.", False)
+
+
+@dataclass
+class ModelConfig:
+    name: str = doc("Registered variant: coatnet_0 ... coatnet_7.", "coatnet_0")
+    num_classes: int | None = doc(
+        "Classifier outputs; null takes the number of classes from the training data.", None, min=1
+    )
+    image_size: int = doc(
+        "Training resolution (square, divisible by 32); also the loader's crop size.", 224, min=32
+    )
+    drop_path_rate: float = doc(
+        "Maximum stochastic-depth rate (grows linearly with block index).", 0.0, min=0.0, max=0.95
+    )
+    grad_checkpointing: bool = doc("Activation checkpointing of every block (recompute in backward).", False)
+    depths: list[int] | None = doc("Override: blocks per stage, in the variant's stage order.", None, min=0)
+    dims: list[int] | None = doc("Override: channels per stage, in the variant's stage order.", None, min=1)
+    head_dim: int | None = doc("Override: attention head size.", None, min=1)
+    downsample: Literal["conv1x1", "depthwise"] | None = doc(
+        "Override: MBConv stride on the first 1x1 conv (paper default) or on the depthwise conv.", None
+    )
+    pre_logits: bool | None = doc("Override: keep the pre-logits Linear+tanh in the head.", None)
+
+    def overrides(self) -> dict:
+        """The architecture overrides that are set, as keyword arguments for `create_model`."""
+        keys = ("depths", "dims", "head_dim", "downsample", "pre_logits")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+@dataclass
+class OptimConfig:
+    lr: float = doc("Peak learning rate (AdamW).", 1e-3, min=0.0)
+    min_lr: float = doc("Learning rate at the end of the decay.", 1e-5, min=0.0)
+    weight_decay: float = doc(
+        "Decoupled weight decay; never applied to biases, norms or relative-bias tables.", 0.05, min=0.0
+    )
+    betas: list[float] = doc("AdamW betas.", default_factory=lambda: [0.9, 0.999], min=0.0, max=1.0)
+    eps: float = doc("AdamW epsilon.", 1e-8, min=0.0)
+    grad_clip: float = doc("Clip the global gradient norm to this value (0: no clipping).", 1.0, min=0.0)
+
+
+@dataclass
+class ScheduleConfig:
+    steps: int | None = doc("Total optimizer steps. Exactly one of steps / epochs is set.", None, min=1)
+    epochs: float | None = doc(
+        "Total epochs of the training data (converted to steps with the global batch).", None, min=0.0
+    )
+    warmup_steps: int = doc("Linear warm-up steps from 0 to optim.lr.", 0, min=0)
+    warmup_epochs: float = doc("Warm-up in epochs (added to warmup_steps).", 0.0, min=0.0)
+    decay: Literal["cosine", "linear", "constant"] = doc(
+        "Decay after warm-up, down to optim.min_lr.", "cosine"
+    )
+
+
+@dataclass
+class LossConfig:
+    kind: Literal["softmax", "sigmoid"] = doc(
+        "softmax cross-entropy (single-label) or sigmoid binary cross-entropy (multi-label, JFT/21K style).",
+        "softmax",
+    )
+    label_smoothing: float = doc(
+        "Label smoothing (0.1 for IN-1K, 1e-4 for JFT/21K in the paper).", 0.1, min=0.0, max=0.5
+    )
+
+
+@dataclass
+class EngineConfig:
+    zero_stage: int = doc("DeepSpeed ZeRO stage.", 3, min=0, max=3)
+    precision: Literal["bf16", "fp32"] = doc("Compute precision (bf16 keeps fp32 master weights).", "bf16")
+    global_batch_size: int | None = doc(
+        "Images per optimizer step over all ranks; must equal data.batch_size x accumulation x world size. "
+        "null: data.batch_size x world size (no accumulation).",
+        None,
+        min=1,
+    )
+    reduce_bucket_size: int = doc("ZeRO reduce bucket, elements.", 50_000_000, min=1)
+    prefetch_bucket_size: int = doc("ZeRO-3 parameter prefetch bucket, elements.", 50_000_000, min=0)
+    param_persistence_threshold: int = doc(
+        "ZeRO-3 keeps parameters smaller than this (elements) unpartitioned on every rank.", 100_000, min=0
+    )
+    max_live_parameters: int = doc(
+        "ZeRO-3 limit of gathered parameters alive at once, elements.", 1_000_000_000, min=1
+    )
+    max_reuse_distance: int = doc(
+        "ZeRO-3 keeps a gathered parameter if reused within this many elements.", 1_000_000_000, min=0
+    )
+    overlap_comm: bool = doc("Overlap gradient reduction with backward.", True)
+    contiguous_gradients: bool = doc("Copy gradients into one contiguous buffer (less fragmentation).", True)
+    timeout_minutes: int = doc(
+        "Collective timeout: a rank that hangs fails the job after this long.", 30, min=1
+    )
+    peak_tflops: float = doc(
+        "Device peak bf16 TFLOP/s for MFU (989 = H100 SXM dense; 0: no MFU).", 989.0, min=0.0
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str | None = doc("Checkpoint folder; null: <run folder>/checkpoints.", None)
+    every_steps: int = doc("Steps between checkpoints (0: only on preemption and at the end).", 1000, min=0)
+    keep_last: int = doc("Keep the newest K committed checkpoints.", 3, min=1)
+    keep_every: int = doc(
+        "Also keep every checkpoint whose step is a multiple of this for good (0: none).", 0, min=0
+    )
+    resume: str = doc("'auto': newest committed checkpoint if any; 'never'; or a checkpoint folder.", "auto")
+    canary_tolerance: float = doc(
+        "Allowed loss difference of the resume canary batch (0: must be exact).", 1e-3, min=0.0
+    )
+
+
+@dataclass
+class InitConfig:
+    path: str | None = doc(
+        "Initialise the model from an exported .safetensors file or a checkpoint folder (fine-tuning).", None
+    )
+    reset_head: bool = doc("Drop the classifier of the loaded weights and initialise a new one.", True)
+
+
+@dataclass
+class EmaConfig:
+    decay: float = doc(
+        "EMA decay of the weights (0: no EMA; 0.9999 in the paper's fine-tune).", 0.0, min=0.0, max=1.0
+    )
+    every: int = doc("Update the EMA every N optimizer steps (decay is adjusted to match).", 1, min=1)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = doc("Log to MLflow (rank 0 only).", True)
+    uri: str | None = doc(
+        "Tracking URI; null: $MLFLOW_TRACKING_URI, else a local store inside the run folder.", None
+    )
+    experiment: str = doc("MLflow experiment name.", "coatnet")
+    timeout_s: float = doc(
+        "Per-request timeout talking to the server; logging is in the background.", 5.0, min=0.1
+    )
+    queue_size: int = doc(
+        "Metric batches buffered while the server is slow; the oldest are dropped beyond.", 1000, min=1
+    )
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = doc("Run identity and cadence.", default_factory=RunConfig)
+    model: ModelConfig = doc("The network.", default_factory=ModelConfig)
+    data: DataConfig = doc("Input pipeline.", default_factory=DataConfig)
+    optim: OptimConfig = doc("Optimizer.", default_factory=OptimConfig)
+    schedule: ScheduleConfig = doc("Learning-rate schedule and length.", default_factory=ScheduleConfig)
+    loss: LossConfig = doc("Loss.", default_factory=LossConfig)
+    engine: EngineConfig = doc("DeepSpeed engine.", default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = doc("Checkpointing and resume.", default_factory=CheckpointConfig)
+    init: InitConfig = doc("Initial weights (fine-tuning).", default_factory=InitConfig)
+    ema: EmaConfig = doc("Exponential moving average of the weights.", default_factory=EmaConfig)
+    tracking: TrackingConfig = doc("MLflow tracking.", default_factory=TrackingConfig)
+
+
+# Fields whose change makes a checkpoint unusable for resuming (checked through `resume_hash`).
+RESUME_INVARIANT_KEYS = ("model", "run.seed", "loss.kind", "data.batch_size", "engine.global_batch_size")
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Load, compose and validate a config file plus dotted overrides. Raises ConfigError (one line)."""
+    tree, origin = read_yaml_tree(path)
+    over, over_origin = parse_overrides(list(overrides))
+    merge_into(tree, over, origin, over_origin)
+    cfg = build(TrainConfig, tree, origin)
+    _check_consistency(cfg, origin, str(path))
+    return cfg
+
+
+def _check_consistency(cfg: TrainConfig, origin: dict[str, str], path: str) -> None:
+    def fail(key: str, msg: str) -> None:
+        raise ConfigError(f"{origin.get(key, path)}: {key}: {msg}")
+
+    if (cfg.schedule.steps is None) == (cfg.schedule.epochs is None):
+        fail("schedule.steps", "set exactly one of schedule.steps and schedule.epochs")
+    if cfg.model.image_size % 32:
+        fail("model.image_size", f"{cfg.model.image_size} is not divisible by 32")
+    if cfg.optim.min_lr > cfg.optim.lr:
+        fail("optim.min_lr", f"{cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}")
+    if len(cfg.optim.betas) != 2:
+        fail("optim.betas", f"needs two values, got {cfg.optim.betas}")
+    if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
+        fail(
+            "checkpoint.resume",
+            f"'auto', 'never' or an existing checkpoint folder; {cfg.checkpoint.resume} does not exist",
+        )
+    if cfg.init.path is not None and not Path(cfg.init.path).exists():
+        fail("init.path", f"{cfg.init.path} does not exist")
+    gb = cfg.engine.global_batch_size
+    if gb is not None and gb % cfg.data.batch_size:
+        fail("engine.global_batch_size", f"{gb} is not a multiple of data.batch_size={cfg.data.batch_size}")
+
+
+def resume_hash(cfg: TrainConfig) -> str:
+    """Hash of the config fields a resumed run must share with the run that saved the checkpoint."""
+    tree = to_tree(cfg)
+    picked = {}
+    for key in RESUME_INVARIANT_KEYS:
+        node = tree
+        for part in key.split("."):
+            node = node[part]
+        picked[key] = node
+    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_docs_markdown() -> str:
+    """docs/config.md: every field of every section with its type, default and meaning."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated by `python -m pretrain.config --docs > docs/config.md` from the declarations in",
+        "`pretrain/config.py` and `data_pipeline/config.py`; a test keeps it in sync.",
+        "",
+        "| key | type | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for key, typ, default, text in field_docs(TrainConfig):
+        lines.append(f"| `{key}` | {typ} | `{default}` | {text} |".replace("`` ", "` ` "))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pretrain.config", description=__doc__)
+    parser.add_argument("--docs", action="store_true", help="print the configuration reference (markdown)")
+    parser.add_argument("--config", help="a config file to validate and print resolved")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    args = parser.parse_args(argv)
+    if args.docs:
+        sys.stdout.write(config_docs_markdown())
+        return 0
+    if not args.config:
+        parser.error("give --docs or --config FILE")
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    sys.stdout.write(dump_yaml(cfg))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

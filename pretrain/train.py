@@ -1,0 +1,75 @@
+"""coatnet-train: pre-train or fine-tune a CoAtNet from a config file.
+
+Runs as one plain process, under torchrun, under the `deepspeed` launcher (which calls
+`python -m pretrain.train`), and under Slurm through cluster/pretrain.sbatch.
+
+    coatnet-train --config configs/smoke.yaml optim.lr=5e-4 data.batch_size=16
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pretrain.config import ConfigError, config_docs_markdown, load_config
+from pretrain.configlib import dump_yaml
+
+EXIT_CONFIG_ERROR = 2
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="coatnet-train",
+        description="Pre-train or fine-tune a CoAtNet with DeepSpeed ZeRO-3 on DALI-fed webdataset shards.",
+        epilog="Every config key is documented in docs/config.md (or: coatnet-train --help-config).",
+    )
+    parser.add_argument("--config", help="YAML config file (may name a base file to compose with)")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="dotted overrides applied after the file, e.g. optim.lr=5e-4 data.batch_size=64",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config and exit without writing anything",
+    )
+    parser.add_argument("--help-config", action="store_true", help="print every config key with its meaning")
+    # The deepspeed launcher appends --local_rank=N; the rank comes from the environment instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if not args.config and not args.help_config:
+        parser.error("--config FILE is required")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.help_config:
+        sys.stdout.write(config_docs_markdown())
+        return 0
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"coatnet-train: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    if args.print_config:
+        sys.stdout.write(dump_yaml(cfg))
+        return 0
+
+    from pretrain.trainer import Trainer  # heavy imports (deepspeed, DALI) only for a real run
+
+    try:
+        trainer = Trainer.build(cfg)
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"coatnet-train: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""Rank detection under each launcher, with real launchers and real process groups."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pretrain.dist import _first_slurm_host, detect
+
+PROBE = Path(__file__).parent / "helpers" / "rank_probe.py"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_detect_from_environment() -> None:
+    assert detect({}).launcher == "single" and detect({}).world_size == 1 and detect({}).is_main
+    ds = detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "CROSS_RANK": "1", "LOCAL_SIZE": "2"})
+    assert (ds.rank, ds.world_size, ds.local_rank, ds.local_world_size, ds.launcher) == (
+        3,
+        4,
+        1,
+        2,
+        "deepspeed",
+    )
+    assert ds.num_nodes == 2 and not ds.is_main
+    tr = detect(
+        {
+            "RANK": "0",
+            "WORLD_SIZE": "2",
+            "LOCAL_RANK": "0",
+            "LOCAL_WORLD_SIZE": "2",
+            "TORCHELASTIC_RUN_ID": "x",
+        }
+    )
+    assert tr.launcher == "torchrun" and tr.is_main
+    srun = {
+        "SLURM_PROCID": "5",
+        "SLURM_NTASKS": "8",
+        "SLURM_LOCALID": "1",
+        "SLURM_NNODES": "4",
+        "SLURM_STEP_ID": "0",
+    }
+    s = detect(srun)
+    assert (s.rank, s.world_size, s.local_rank, s.local_world_size, s.launcher) == (5, 8, 1, 2, "srun")
+    # The batch shell itself (no step) is not a rank of anything; a launcher inside srun wins over SLURM_*.
+    assert detect({k: v for k, v in srun.items() if k != "SLURM_STEP_ID"}).launcher == "single"
+    assert detect({**srun, "RANK": "2", "WORLD_SIZE": "16", "CROSS_RANK": "0"}).rank == 2
+
+
+def test_first_slurm_host() -> None:
+    assert _first_slurm_host("n[1-3],m7") == "n1"
+    assert _first_slurm_host("gpu[012,015]") == "gpu012"
+    assert _first_slurm_host("node7") == "node7"
+
+
+def _run_probe(cmd: list[str], out: Path) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run(
+        [*cmd, str(PROBE), str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = [json.loads(p.read_text()) for p in sorted(out.glob("probe*.json"))]
+    # Every rank logs to its own file; only rank 0 prints on the console.
+    for r in reports:
+        assert f"hello from rank {r['rank']}" in (out / "logs" / f"rank{r['rank']}.log").read_text()
+    assert "hello from rank 0" in proc.stdout and "hello from rank 1" not in proc.stdout
+    return reports
+
+
+@pytest.mark.multiprocess
+def test_torchrun_two_ranks(tmp_path: Path) -> None:
+    reports = _run_probe(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611"],
+        tmp_path,
+    )
+    assert [r["rank"] for r in reports] == [0, 1]
+    assert all(r["launcher"] == "torchrun" and r["world_size"] == 2 and r["sum"] == 3.0 for r in reports)
+    assert [r["torch_rank"] for r in reports] == [0, 1]
+
+
+@pytest.mark.multiprocess
+def test_deepspeed_launcher_two_ranks(tmp_path: Path) -> None:
+    launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
+    assert launcher, "the deepspeed launcher is installed with the package"
+    reports = _run_probe([launcher, "--num_gpus", "2", "--master_port", "29612"], tmp_path)
+    assert [r["rank"] for r in reports] == [0, 1]
+    assert all(r["launcher"] == "deepspeed" and r["world_size"] == 2 and r["sum"] == 3.0 for r in reports)
+    assert [r["local_rank"] for r in reports] == [0, 1]
+
+
+def test_single_process(tmp_path: Path) -> None:
+    (report,) = _run_probe([sys.executable], tmp_path)
+    assert report["launcher"] == "single" and report["world_size"] == 1 and report["sum"] == 1.0
