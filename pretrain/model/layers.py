@@ -1,0 +1,78 @@
+"""Leaf layers shared by the CoAtNet blocks.
+
+``Linear`` and ``Conv2d`` initialise themselves (truncated normal, std 0.02, zero bias: docs/coatnet.md
+section 2) inside their own ``reset_parameters``, which torch calls at the end of their ``__init__``. That
+matters under ``deepspeed.zero.Init``: a module's parameters are partitioned as soon as its own
+``__init__`` returns, so a parent that initialised its children afterwards would only touch an empty shard.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+INIT_STD = 0.02
+
+
+def trunc_normal_(tensor: torch.Tensor, std: float = INIT_STD) -> torch.Tensor:
+    """Truncated normal at +-2 std (TensorFlow's ``truncated_normal``), in place."""
+    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-2.0 * std, b=2.0 * std)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` with the paper's initialisation."""
+
+    def reset_parameters(self) -> None:
+        trunc_normal_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` with the paper's initialisation."""
+
+    def reset_parameters(self) -> None:
+        trunc_normal_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero a residual branch per sample with probability ``rate``, rescale the rest."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        # One draw per sample, broadcast over (H, W, C) whatever the layout of the 4-D tensor.
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate:.3f}"
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-excitation: GAP -> 1x1 to ``hidden`` -> SiLU -> 1x1 back -> sigmoid gate on the input."""
+
+    def __init__(self, channels: int, hidden: int) -> None:
+        super().__init__()
+        self.reduce = Conv2d(channels, hidden, 1)
+        self.expand = Conv2d(hidden, channels, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: (B, C, H, W) -> gate: (B, C, 1, 1)
+        gate = x.mean((2, 3), keepdim=True)
+        gate = self.expand(F.silu(self.reduce(gate)))
+        return x * gate.sigmoid()
+
+
+def max_pool_nhwc(x: torch.Tensor) -> torch.Tensor:
+    """2x2 max pool, stride 2, on a (B, H, W, C) tensor without changing its layout -> (B, H/2, W/2, C)."""
+    b, h, w, c = x.shape
+    return x.reshape(b, h // 2, 2, w // 2, 2, c).amax(dim=(2, 4))
