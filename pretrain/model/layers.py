@@ -15,9 +15,24 @@ from torch import nn
 INIT_STD = 0.02
 
 
+@torch.no_grad()
 def trunc_normal_(tensor: torch.Tensor, std: float = INIT_STD) -> torch.Tensor:
-    """Truncated normal at +-2 std (TensorFlow's ``truncated_normal``), in place."""
-    return nn.init.trunc_normal_(tensor, mean=0.0, std=std, a=-2.0 * std, b=2.0 * std)
+    """Normal(0, std) truncated at +-2 std (TensorFlow's ``truncated_normal``), in place.
+
+    Draws a normal and redraws only the ~4.6% outside the bounds until none is left: the same
+    distribution as ``nn.init.trunc_normal_``, whose erfinv path takes ~7 s for CoAtNet-0 on 2 CPU cores.
+    """
+    tensor.normal_(0.0, std)
+    if tensor.is_meta:
+        return tensor
+    flat = tensor.view(-1)
+    bound = 2.0 * std
+    outside = (flat.abs() > bound).nonzero().squeeze(1)
+    while outside.numel():  # about five rounds for 25M values; host sync per round, init only
+        redraw = flat.new_empty(outside.numel()).normal_(0.0, std)
+        flat[outside] = redraw
+        outside = outside[redraw.abs() > bound]
+    return tensor
 
 
 class Linear(nn.Linear):
