@@ -52,6 +52,7 @@ from data_pipeline.pipeline import (
     byte_samples,
     eval_pipeline,
     placement,
+    sample_ids,
     to_torch,
     train_pipeline,
 )
@@ -133,6 +134,7 @@ class TrainLoader:
         self._pending_checkpoint: bytes | None = None
         self._skipped: set[tuple[str, str]] = set()
         self._probe: DecodeProbe | None = None
+        self.last_ids: list[str] = []  # "<shard>/<key>" of the last batch, as DALI read them
 
     # -- what the trainer reads -------------------------------------------------------------------
     @property
@@ -175,7 +177,8 @@ class TrainLoader:
         if self._live is None:
             self._live = self._open_segment()
         live = self._live
-        images_tl, labels_tl = self._run(live)
+        images_tl, labels_tl, info_tl = self._run(live)
+        self.last_ids = sample_ids(info_tl)
         where = f"shards of segment {live.segment.directory}"
         labels = parse_labels(byte_samples(labels_tl), self.label_kind, self.num_classes, where)
         images = to_torch(images_tl, self.device)  # [B, 3, S, S] float32
@@ -365,6 +368,7 @@ class EvalLoader:
             dataset.num_samples, cfg.eval_batch_size, world_size, rank
         )
         self._dir = _index_dir(cfg, f"eval-r{rank}")
+        self.last_ids: list[str] = []  # "<shard>/<key>" of the last batch, as DALI read them
 
     @property
     def num_classes(self) -> int:
@@ -403,7 +407,8 @@ class EvalLoader:
         )
         try:
             for step in range(self.steps):
-                images_tl, labels_tl = pipe.run()
+                images_tl, labels_tl, info_tl = pipe.run()
+                self.last_ids = sample_ids(info_tl)
                 labels = parse_labels(
                     byte_samples(labels_tl), self.label_kind, self.num_classes, str(self.dataset.root)
                 )

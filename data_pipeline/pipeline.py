@@ -61,6 +61,15 @@ def byte_samples(tensor_list: Any) -> list[bytes]:
     return [bytes(tensor_list.at(i)) for i in range(len(tensor_list))]
 
 
+def sample_ids(source_info: Any) -> list[str]:
+    """ "<shard file name>/<key>" of each sample, from the reader's source info ("<tar>:<offset>:<member>")."""
+    ids = []
+    for raw in byte_samples(source_info):
+        tar, _, member = raw.decode().rsplit(":", 2)
+        ids.append(f"{tar.rsplit('/', 1)[-1]}/{member.split('.', 1)[0]}")
+    return ids
+
+
 @dataclass(frozen=True)
 class TrainAugment:
     """Augmentation settings of the training pipeline (from DataConfig plus the model's image size)."""
@@ -99,7 +108,7 @@ def train_pipeline(
     seed: int,
     checkpoint: bytes | None = None,
 ) -> Any:
-    """Built training pipeline: outputs (images float32 NCHW normalised, raw label bytes).
+    """Built training pipeline: outputs (images float32 NCHW normalised, raw label bytes, source info).
 
     Checkpointing is on: `pipe.checkpoint()` (about 7 KB, 0.4 ms, measured) captures the reader position
     and every random operator's state, so a rebuilt pipeline continues bit for bit.
@@ -126,7 +135,7 @@ def train_pipeline(
         images = fn.crop_mirror_normalize(
             images, dtype=types.FLOAT, output_layout="CHW", mean=MEAN, std=STD, mirror=mirror
         )  # [3, S, S] float32
-        return images, labels
+        return images, labels, fn.get_property(jpegs, key="source_info")
 
     pipe = define(
         batch_size=batch_size,
@@ -153,7 +162,9 @@ def eval_pipeline(
     num_threads: int,
     prefetch: int,
 ) -> Any:
-    """Built evaluation pipeline: resize the shorter side to image_size / crop_ratio, center crop."""
+    """Built evaluation pipeline: resize the shorter side to image_size / crop_ratio, center crop.
+
+    Outputs (images float32 NCHW normalised, raw label bytes, source info)."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def
@@ -164,7 +175,7 @@ def eval_pipeline(
         images = fn.crop_mirror_normalize(
             images, dtype=types.FLOAT, output_layout="CHW", crop=(image_size, image_size), mean=MEAN, std=STD
         )
-        return images, labels
+        return images, labels, fn.get_property(jpegs, key="source_info")
 
     pipe = define(
         batch_size=batch_size,

@@ -33,9 +33,10 @@ class IndexedSample:
         return max(offset + size for _, offset, size, _ in self.components)
 
     def component(self, ext: str) -> tuple[str, int, int, str] | None:
-        """The component with extension `ext` (case-insensitive), or None."""
+        """The component whose extension is `ext` (case-insensitive; "jpg;jpeg" accepts either), or None."""
+        wanted = {e.lower() for e in ext.split(";")}
         for comp in self.components:
-            if comp[0].lower() == ext.lower():
+            if comp[0].lower() in wanted:
                 return comp
         return None
 
