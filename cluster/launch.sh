@@ -1,0 +1,94 @@
+#!/bin/bash
+# The body shared by pretrain.sbatch and finetune.sbatch. It runs as the job's batch shell (on the first
+# node): one srun task per node starts the `deepspeed` launcher in no-ssh mode, which starts one training
+# process per GPU. It turns Slurm's warning signal into a stop file, and the trainer's "requeue me" exit
+# status into `scontrol requeue`.
+#
+#   usage: launch.sh MODULE CONFIG [key=value ...]   ->   python -m MODULE --config CONFIG key=value ...
+#
+# Environment read here (all optional; sbatch passes the submitting shell's environment on):
+#   RUN_DIR         shared-FS directory for the hostfile, stop file and event log of this job. Default
+#                   $SLURM_SUBMIT_DIR/runs/slurm-$SLURM_JOB_ID; a requeued job keeps its id, so its dir.
+#   NPROC_PER_NODE  training processes per node. Default: the GPUs Slurm gave the node.
+#   DS_ACCELERATOR  "cpu" for a CPU-only run (CI, laptops): gloo instead of NCCL, no GPU needed.
+#   MASTER_PORT     rendezvous port on the head node. Default: derived from the job id.
+# Environment set for the trainer (read by pretrain/preemption.py JobContext):
+#   COATNET_STOP_FILE    appears when the ranks must save and exit with EXIT_REQUEUE
+#   COATNET_EVENTS_FILE  lifecycle log (start, signal, end, requeue; the trainer adds its own events)
+set -euo pipefail
+
+EXIT_REQUEUE=3 # == pretrain.preemption.EXIT_REQUEUE: "checkpoint saved on a stop request, requeue me"
+
+if (($# < 2)); then
+  echo "usage: launch.sh MODULE CONFIG [key=value ...]" >&2
+  exit 2
+fi
+MODULE=$1 CONFIG=$2
+shift 2
+if [[ -z ${SLURM_JOB_ID:-} ]]; then
+  echo "launch.sh runs inside a Slurm job: submit it with sbatch" >&2
+  exit 2
+fi
+
+# --- Run directory, stop file and event log, on the shared filesystem (every node sees them)
+RUN_DIR=${RUN_DIR:-$SLURM_SUBMIT_DIR/runs/slurm-$SLURM_JOB_ID}
+mkdir -p "$RUN_DIR"
+export COATNET_STOP_FILE=$RUN_DIR/STOP COATNET_EVENTS_FILE=$RUN_DIR/events.log
+rm -f "$COATNET_STOP_FILE" # left behind by the run that was preempted: this one must not stop at once
+event() { echo "$(date +%s.%N) $* job=$SLURM_JOB_ID restart=${SLURM_RESTART_COUNT:-0}" >>"$COATNET_EVENTS_FILE"; }
+event start "nodes=$SLURM_JOB_NODELIST"
+
+# --- Processes per node
+if [[ -z ${NPROC_PER_NODE:-} ]]; then
+  NPROC_PER_NODE=${SLURM_GPUS_ON_NODE:?"no GPUs allocated: request --gpus-per-node, or set NPROC_PER_NODE (and DS_ACCELERATOR=cpu for CPU)"}
+fi
+
+# --- Interconnect. NCCL finds InfiniBand by itself; these pin it down when a node has several fabrics.
+# InfiniBand:
+#   export NCCL_IB_HCA=mlx5_0,mlx5_1        # the HCAs wired to the GPUs (see `ibstat`); skips the rest
+#   export NCCL_SOCKET_IFNAME=ib0           # interface for NCCL's bootstrap and TCP fallback
+#   export NCCL_IB_GID_INDEX=3              # RoCE v2 fabrics only
+# Ethernet only (no RDMA): NCCL over TCP sockets; give it the fast interface, not the management one.
+#   export NCCL_IB_DISABLE=1
+#   export NCCL_SOCKET_IFNAME=eth0
+#   export NCCL_SOCKET_NTHREADS=4 NCCL_NSOCKS_PERTHREAD=4
+# Both: gloo (CPU runs, object collectives) picks its interface the same way.
+#   export GLOO_SOCKET_IFNAME=eth0
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=1 # a dead peer aborts the job (and frees the nodes) instead of hanging it
+
+# --- Head node and hostfile. Each node's deepspeed launcher reads the same hostfile; only the node
+# rank differs, so no ssh/pdsh is needed.
+HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+HOSTFILE=$RUN_DIR/hostfile
+scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$NPROC_PER_NODE/" >"$HOSTFILE"
+
+# --- Warning signal (#SBATCH --signal=B:USR1@...) -> stop file. Only this shell receives it; the ranks
+# poll the file every few steps, agree on a step, checkpoint, and exit with EXIT_REQUEUE.
+on_warning() {
+  event signal
+  touch "$COATNET_STOP_FILE"
+}
+trap on_warning USR1
+
+# --- Launch: one task per node. SLURM_NODEID differs per task, so the task's own shell expands it.
+# --no_local_rank: ranks read LOCAL_RANK from the environment, the trainer's CLI stays --config + overrides.
+srun --ntasks-per-node=1 bash -c 'exec deepspeed --node_rank "$SLURM_NODEID" "$@"' deepspeed \
+  --hostfile "$HOSTFILE" --no_ssh --master_addr "$HEAD" --master_port "$MASTER_PORT" --no_local_rank \
+  --module "$MODULE" --config "$CONFIG" "$@" &
+SRUN=$!
+
+# `wait` returns early whenever the trap runs; wait again until srun has really ended. bash keeps the
+# status of a finished child, so the last `wait` returns srun's exit status in every case.
+while kill -0 "$SRUN" 2>/dev/null; do wait "$SRUN" || true; done
+wait "$SRUN" && rc=0 || rc=$?
+event end "rc=$rc"
+
+if ((rc == EXIT_REQUEUE)); then
+  event requeue
+  # Back into the queue with the same job id (hence the same RUN_DIR); the trainer resumes from its
+  # newest complete checkpoint. Slurm holds a requeued job for cred_expire seconds before it may start.
+  scontrol requeue "$SLURM_JOB_ID"
+fi
+exit "$rc"
