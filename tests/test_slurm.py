@@ -17,7 +17,7 @@ from cluster.local_slurm import LocalSlurm
 from pretrain.preemption import EventLog, downtimes
 from tests.fixtures.slurm import REPO_ROOT
 
-pytestmark = [pytest.mark.slurm, pytest.mark.multiprocess, pytest.mark.slow]
+pytestmark = pytest.mark.slurm
 
 SBATCH = REPO_ROOT / "cluster" / "pretrain.sbatch"
 # Local nodes have 2 CPUs and no GPUs: override the header's production sizes on the command line.
@@ -49,6 +49,15 @@ def job_log(tmp: Path) -> str:
     return (tmp / "job.out").read_text(errors="replace")
 
 
+@pytest.mark.parametrize("script", ["pretrain.sbatch", "finetune.sbatch"])
+def test_scheduler_accepts_sbatch_headers(slurm: LocalSlurm, script: str) -> None:
+    # --test-only: Slurm parses the header and plans the job without running it
+    result = slurm.run(
+        "sbatch", "--test-only", *LOCAL, str(REPO_ROOT / "cluster" / script), "cfg.yaml", check=False
+    )
+    assert result.returncode == 0 and "to start at" in result.stderr, result.stderr
+
+
 def test_cluster_runs_one_task_per_node_with_distinct_hosts(slurm: LocalSlurm, tmp_path: Path) -> None:
     assert slurm.node_states() == {"n1": "idle", "n2": "idle"}
     script = tmp_path / "hosts.sbatch"
@@ -65,6 +74,8 @@ def test_cluster_runs_one_task_per_node_with_distinct_hosts(slurm: LocalSlurm, t
     assert rows[0][2] != rows[1][2]  # two network namespaces, two addresses
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_deepspeed_launcher_runs_gloo_all_reduce_across_nodes(
     slurm: LocalSlurm, slurm_job_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -80,6 +91,8 @@ def test_deepspeed_launcher_runs_gloo_all_reduce_across_nodes(
     assert names == ["start", "checkpoint", "end"]
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_warning_signal_stops_all_ranks_at_one_step_and_requeues(
     slurm: LocalSlurm, slurm_job_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -111,6 +124,8 @@ def test_warning_signal_stops_all_ranks_at_one_step_and_requeues(
     assert 5 <= lost.seconds < 120  # at least cred_expire (5 s) passes before the requeued job starts
 
 
+@pytest.mark.multiprocess
+@pytest.mark.slow
 def test_dead_node_requeues_job_which_resumes_from_last_checkpoint(
     slurm: LocalSlurm, slurm_job_env: dict[str, str], tmp_path: Path
 ) -> None:
