@@ -34,7 +34,8 @@ class ShardedDataset:
         if (self.counts < 0).any():
             raise ValueError(f"{self.root}: blocklist.json blocks more samples than a shard holds")
         self.fingerprint = dataset_fingerprint(manifest, self.blocklist)
-        self._samples = lru_cache(maxsize=512)(self._load_samples)
+        # a segment visits shards one after another, so a few parsed indexes suffice (~0.5 KB per sample)
+        self._samples = lru_cache(maxsize=16)(self._load_samples)
 
     @property
     def num_samples(self) -> int:

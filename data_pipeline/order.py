@@ -54,8 +54,11 @@ class EpochOrder:
         pos = positions % self.total
         slot = np.searchsorted(self.ends, pos, side="right")
         starts = self.ends[slot] - self.counts[self.shards[slot]]
-        shard = self.shards[slot]
-        sample = np.array([self._perm(int(s))[int(w)] for s, w in zip(shard, pos - starts)], dtype=np.int64)
+        shard, within = self.shards[slot], pos - starts
+        sample = np.empty_like(within)
+        for s in np.unique(shard):  # one vectorised lookup per shard touched
+            mask = shard == s
+            sample[mask] = self._perm(int(s))[within[mask]]
         return shard, sample
 
 

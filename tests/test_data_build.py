@@ -155,3 +155,17 @@ def test_index_published_read_only_shards(digit_wds, tmp_path, kind):
         assert torch.isfinite(images).all() and labels.max() < manifest.num_classes
     loader.close()
     assert len(seen) == manifest.num_samples
+
+
+def test_cli_preview_and_audit(digit_wds, tmp_path, copy_dataset):
+    cli = str(Path(sys.executable).parent / "coatnet-data")
+    grid = tmp_path / "grid.png"
+    args = ["preview", str(digit_wds["train"]), "--out", str(grid), "--image-size", "64", "--count", "6"]
+    subprocess.run([cli, *args, "--randaugment", "2", "9", "--mixup", "0.8"], check=True, capture_output=True)
+    with Image.open(grid) as im:
+        assert im.size == (3 * 64, 2 * (64 + 14))
+        assert len(set(im.convert("L").getdata())) > 50, "the grid shows real pictures, not a blank canvas"
+    audit = subprocess.run(
+        [cli, "audit", str(copy_dataset(digit_wds["val"]))], capture_output=True, text=True
+    )
+    assert audit.returncode == 0 and "0 undecodable" in audit.stdout
