@@ -73,8 +73,12 @@ on_warning() {
 trap on_warning USR1
 
 # --- Launch: one task per node. SLURM_NODEID differs per task, so the task's own shell expands it.
+# The step gets the job's CPUs and GPUs explicitly: Slurm 22.05's srun does not inherit --cpus-per-task,
+# and with task binding one CPU for eight ranks and their DALI threads would crawl.
 # --no_local_rank: ranks read LOCAL_RANK from the environment, the trainer's CLI stays --config + overrides.
-srun --ntasks-per-node=1 bash -c 'exec deepspeed --node_rank "$SLURM_NODEID" "$@"' deepspeed \
+srun --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
+  ${SLURM_GPUS_ON_NODE:+--gpus-per-node=$SLURM_GPUS_ON_NODE} \
+  bash -c 'exec deepspeed --node_rank "$SLURM_NODEID" "$@"' deepspeed \
   --hostfile "$HOSTFILE" --no_ssh --master_addr "$HEAD" --master_port "$MASTER_PORT" --no_local_rank \
   --module "$MODULE" --config "$CONFIG" "$@" &
 SRUN=$!
