@@ -86,6 +86,12 @@ def write_index(index_path: Path, samples: list[IndexedSample]) -> None:
     """Write `samples` (in this order) as a DALI v1.2 index file, atomically."""
     if not samples:
         raise ValueError(f"{index_path}: refusing to write an index with no samples (DALI rejects it)")
+    for sample in samples:
+        if any(len(name.split()) != 1 for _, _, _, name in sample.components):
+            raise ValueError(
+                f"{index_path}: member names of sample {sample.key!r} contain whitespace, "
+                "which DALI's index format cannot represent; rename the members"
+            )
     tmp = index_path.with_name(index_path.name + ".tmp")
     with open(tmp, "w") as f:
         f.write(f"{INDEX_VERSION} {len(samples)}\n")

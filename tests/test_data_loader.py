@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -129,6 +130,7 @@ def test_resume_same_world_size_is_bitwise(digit_wds, stop):
     take(first, stop)
     state = first.state_dict()
     first.close()
+    assert len(pickle.dumps(state)) < 32_000, "the state travels in every rank's checkpoint"
     resumed = build_train_loader(cfg, **kw)
     resumed.load_state_dict(state)
     got = take(resumed, total - stop)
