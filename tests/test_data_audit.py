@@ -100,3 +100,33 @@ def test_audit_blocklists_bad_samples_and_training_flows(digit_wds, copy_dataset
     ids, _ = epoch_ids(data)
     assert not {f"{s}/{k}" for s, k in bad | cut} & set(ids), "blocklisted samples never reach the decoder"
     assert len(set(ids)) == ShardedDataset(data).num_samples == manifest.num_samples - len(bad) - len(cut)
+
+
+def test_skip_mode_resumes_exactly_around_a_corrupt_sample(digit_wds, copy_dataset):
+    """A run that met the corrupt sample and one resumed from before or after it yield the same batches."""
+    data = copy_dataset(digit_wds["train"])
+    corrupt_jpeg(data, 0, 2)
+    cfg = DataConfig(
+        train=str(data), batch_size=8, num_threads=1, output_dtype="fp32", on_corrupt="skip", segment_shards=3
+    )
+    kw = dict(image_size=32, rank=0, world_size=1, seed=4, device=CPU)
+
+    def batches(loader, n):
+        return [(next(loader)[0].clone(), list(loader.last_ids)) for _ in range(n)]
+
+    ref = build_train_loader(cfg, **kw)
+    total = ref.steps_per_epoch
+    expected = batches(ref, total)
+    assert len(ref.skipped) == 1
+    ref.close()
+    for stop in (1, total // 2, total - 1):
+        first = build_train_loader(cfg, **kw)
+        batches(first, stop)
+        state = first.state_dict()
+        first.close()
+        resumed = build_train_loader(cfg, **kw)
+        resumed.load_state_dict(state)
+        got = batches(resumed, total - stop)
+        resumed.close()
+        for (ei, eid), (gi, gid) in zip(expected[stop:], got):
+            assert eid == gid and torch.equal(ei, gi)
