@@ -1,0 +1,27 @@
+"""benchmarks/model_speed.py runs end to end (tiny model, one step) and reports sane figures."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_model_speed_benchmark_reports_every_configuration(tmp_path):
+    out = tmp_path / "speed.json"
+    tiny = json.dumps({"depths": [1, 1, 1, 1, 1], "dims": [16, 16, 32, 64, 128], "head_dim": 16})
+    cmd = [sys.executable, str(REPO / "benchmarks" / "model_speed.py"), "--image-size", "64"]
+    cmd += ["--batch-size", "2", "--steps", "1", "--matmul-seconds", "0.1", "--dtypes", "bf16"]
+    cmd += ["--overrides", tiny, "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "img/s" in proc.stdout and "ratio" in proc.stdout
+    rows = json.loads(out.read_text())
+    assert [(r["dtype"], r["checkpointing"]) for r in rows] == [("bf16", False), ("bf16", True)]
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["gflops"] > 0 and r["matmul_gflops"] > 0
+        assert 0 < r["ratio_to_matmul"] < 1.5
+        assert r["peak_rss_mib"] > r["rss_growth_mib"] >= 0
