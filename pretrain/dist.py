@@ -118,6 +118,8 @@ def device_for(info: RankInfo) -> torch.device:
 
 def init_distributed(info: RankInfo, timeout_minutes: int) -> None:
     """Join the process group (NCCL on GPUs, gloo on CPUs); also fine for a single process."""
+    # DeepSpeed picks its accelerator at import; name it so a CPU machine never probes for CUDA plugins.
+    os.environ.setdefault("DS_ACCELERATOR", accelerator_name())
     import deepspeed  # heavy import, only where it is needed
 
     _export_env(info)

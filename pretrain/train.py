@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from pretrain.config import ConfigError, config_docs_markdown, load_config
 from pretrain.configlib import dump_yaml
@@ -59,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from pretrain.trainer import Trainer  # heavy imports (deepspeed, DALI) only for a real run
+
+    # torch 2.13 warns on every ZeRO-3 step that DeepSpeed calls a renamed collective; nothing for users to do.
+    warnings.filterwarnings(
+        "ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning
+    )
 
     try:
         trainer = Trainer.build(cfg)

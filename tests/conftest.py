@@ -2,5 +2,7 @@
 
 pytest_plugins = [
     "tests.fixtures.images",
+    "tests.fixtures.mlflow_server",
     "tests.fixtures.slurm",
+    "tests.fixtures.training",
 ]

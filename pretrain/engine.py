@@ -1,0 +1,57 @@
+"""Model and DeepSpeed engine construction: the model is built inside `deepspeed.zero.Init`.
+
+Under ZeRO stage 3 every parameter is partitioned as soon as its module is constructed, so no rank
+ever holds the whole of CoAtNet-7 (2.44B parameters = 4.9 GB in bf16 before optimizer state).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from pretrain.config import ModelConfig
+from pretrain.model import CoAtNet, create_model
+
+
+def build_model(cfg: ModelConfig, *, num_classes: int, ds_config: dict) -> CoAtNet:
+    """The configured CoAtNet, partitioned at construction time under ZeRO-3."""
+    import deepspeed  # imported after pretrain.dist.init_distributed has chosen the accelerator
+
+    zero3 = ds_config["zero_optimization"]["stage"] == 3
+    ctx = deepspeed.zero.Init(config_dict_or_path=ds_config) if zero3 else contextlib.nullcontext()
+    with ctx:
+        model = create_model(
+            cfg.name,
+            num_classes=num_classes,
+            image_size=cfg.image_size,
+            drop_path_rate=cfg.drop_path_rate,
+            **cfg.overrides(),
+        )
+    model.set_grad_checkpointing(cfg.grad_checkpointing)
+    return model
+
+
+def build_engine(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ds_config: dict,
+):
+    """DeepSpeed engine around the model, our optimizer and our schedule."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    return engine
+
+
+def full_parameter_count(model: torch.nn.Module) -> int:
+    """Parameters of the whole model, also when ZeRO-3 holds only a shard of each (`ds_numel`)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+
+
+def local_parameter_count(model: torch.nn.Module) -> int:
+    """Parameters this rank actually stores (its ZeRO-3 partitions, or everything without ZeRO-3)."""
+    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
