@@ -111,3 +111,11 @@ def test_index_buffer_is_not_saved():
         [7, 6, 4, 3],
         [8, 7, 5, 4],
     ]
+
+
+def test_empty_zero3_placeholders_pass_through():
+    # A ZeRO-3 engine's module state dict holds empty tensors for partitioned parameters.
+    key = "stages.3.blocks.0.attn.relative_position_bias_table"
+    placeholder = torch.empty(0)
+    out, resized = resize_relative_bias_tables({key: placeholder}, {key: torch.Size((12, 47, 47))})
+    assert resized == [] and out[key] is placeholder

@@ -56,7 +56,8 @@ def resize_relative_bias_tables(
     """Return a copy of ``state_dict`` with every bias table resized to ``target_shapes[key]``.
 
     Only keys ending in ``relative_position_bias_table`` that also appear in ``target_shapes`` with a
-    different shape are touched; every other entry is passed through (same tensor object). The second
+    different shape are touched; every other entry, and empty ZeRO-3 placeholder tensors, are passed
+    through (same tensor object). The second
     element lists the keys that were resized. A table whose head count differs cannot be interpolated
     and raises ValueError naming the key.
     """
@@ -66,7 +67,9 @@ def resize_relative_bias_tables(
         if not key.endswith(TABLE_SUFFIX) or key not in target_shapes:
             continue
         target = torch.Size(target_shapes[key])
-        if tensor.shape == target:
+        # Same shape: nothing to do. Empty: a ZeRO-3 placeholder (DeepSpeed's own resume loads a
+        # state dict of those through the model's load_state_dict); there is nothing to resize.
+        if tensor.shape == target or tensor.numel() == 0:
             continue
         if tensor.ndim != 3 or len(target) != 3 or tensor.shape[0] != target[0]:
             raise ValueError(
