@@ -3,7 +3,10 @@
 Layout under the checkpoint folder:
 
     step_000001000/            one DeepSpeed tag: every rank's ZeRO-3 shards + client state
-        MANIFEST.json          written last, atomically: every file with its size and sha256
+        MANIFEST.json          written last, atomically: every file with its size and sha256, the saving
+                               world size and `meta` (resume hash, model section, export metadata)
+    step_000001000_universal/  DeepSpeed universal form of that tag, made on demand when a run resumes
+                               at another world size (atomic rename of a finished conversion)
     step_000002000/ ...
     LATEST                     name of the newest committed tag (atomic rename; for people and tools)
 
@@ -11,9 +14,14 @@ Save protocol (all ranks): DeepSpeed writes every rank's shards (ending with a b
 hashes a share of the files; rank 0 gathers the entries, writes MANIFEST.json to a temporary name,
 fsyncs it and renames it into place (the commit point), then replaces LATEST the same way, then prunes.
 A rank killed anywhere before the rename leaves a folder without a manifest, which resume ignores.
+The source of truth is the set of folders with a manifest, not LATEST: a kill between the manifest
+rename and the LATEST rename leaves a committed checkpoint that resume finds.
 
-Resume: the newest folder whose manifest exists and whose files all have the recorded sizes; with
-`verify=True` the checksums are recomputed too (each rank hashes a share; all must agree).
+Resume: the newest folder whose manifest exists and whose files all have the recorded sizes; `verify`
+recomputes the checksums too (each rank hashes a share; all must agree).
+
+Fault injection for tests: COATNET_CHECKPOINT_FAULT="<point>:<rank>" makes that rank SIGKILL itself
+at that point of its first save (points: FAULT_POINTS). Only a test sets it; it stands for a node dying.
 """
 
 from __future__ import annotations
@@ -24,6 +32,9 @@ import logging
 import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +48,38 @@ log = logging.getLogger(__name__)
 MANIFEST = "MANIFEST.json"
 POINTER = "LATEST"
 TAG_RE = re.compile(r"^step_(\d{9})$")
+UNIVERSAL_SUFFIX = "_universal"
+
+FAULT_ENV = "COATNET_CHECKPOINT_FAULT"
+# Points inside `CheckpointManager.save`, in the order they are reached:
+#   written      every rank's DeepSpeed files are on disk, nothing hashed, no manifest
+#   hashed       this rank hashed its share; rank 0 waits for it in the gather
+#   manifest_tmp rank 0 wrote and fsynced the manifest under a temporary name, not yet renamed
+#   committed    rank 0 renamed the manifest into place (committed), LATEST still names the previous one
+FAULT_POINTS = ("written", "hashed", "manifest_tmp", "committed")
 
 
 def tag_for(step: int) -> str:
+    """Folder name of the checkpoint of `step` (sorts by step)."""
     return f"step_{step:09d}"
 
 
+def _fault_point(point: str, rank: int) -> None:
+    """SIGKILL this process if COATNET_CHECKPOINT_FAULT names this point and rank (tests only)."""
+    wanted = os.environ.get(FAULT_ENV)
+    if not wanted:
+        return
+    name, _, who = wanted.partition(":")
+    if name not in FAULT_POINTS or not who.isdigit():
+        raise ValueError(f"{FAULT_ENV}={wanted!r}: expected <point>:<rank> with point one of {FAULT_POINTS}")
+    if name == point and int(who) == rank:
+        log.warning("%s: killing rank %d at checkpoint point %r", FAULT_ENV, rank, point)
+        logging.shutdown()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    """Hex sha256 of a file, read in 16 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
@@ -51,14 +87,21 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     return digest.hexdigest()
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def _atomic_write(path: Path, text: str, before_rename: str | None = None, rank: int = 0) -> None:
+    """Write to a hidden temporary name, fsync, rename into place, fsync the folder."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as fh:
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
+    if before_rename:
+        _fault_point(before_rename, rank)
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
@@ -73,6 +116,8 @@ def _files_of(tag_dir: Path) -> list[Path]:
 
 @dataclass(frozen=True)
 class Committed:
+    """A committed checkpoint: its step and its tag folder."""
+
     step: int
     path: Path
 
@@ -87,8 +132,8 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------ save
 
-    def save(self, engine, step: int, client_state: dict) -> Path:
-        """Write, hash, commit and prune. Returns the committed folder."""
+    def save(self, engine, step: int, client_state: dict, meta: dict | None = None) -> Path:
+        """Write, hash, commit and prune. `meta` (JSON) goes into the manifest. Returns the committed folder."""
         tag = tag_for(step)
         tag_dir = self.root / tag
         if self.info.is_main:
@@ -99,12 +144,16 @@ class CheckpointManager:
         if (tag_dir / MANIFEST).exists():
             return tag_dir  # already committed at this step (e.g. a preemption right after a periodic save)
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+        _fault_point("written", self.info.rank)
         entries = self._hash_share(tag_dir)
+        _fault_point("hashed", self.info.rank)
         gathered = dist.all_gather_object(entries)
         if self.info.is_main:
-            files = {name: meta for part in gathered for name, meta in part.items()}
-            manifest = {"step": step, "world_size": self.info.world_size, "files": files}
-            _atomic_write(tag_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True))
+            files = {name: entry for part in gathered for name, entry in part.items()}
+            manifest = {"step": step, "world_size": self.info.world_size, "files": files, "meta": meta or {}}
+            text = json.dumps(manifest, indent=1, sort_keys=True)
+            _atomic_write(tag_dir / MANIFEST, text, before_rename="manifest_tmp", rank=self.info.rank)
+            _fault_point("committed", self.info.rank)
             _atomic_write(self.root / POINTER, tag + "\n")
             self._prune(keep=step)
         dist.barrier()
@@ -127,10 +176,18 @@ class CheckpointManager:
             if c.step not in keep_steps:
                 shutil.rmtree(c.path, ignore_errors=True)
         newest = committed[0].step if committed else keep
-        for path in self.root.iterdir():  # abandoned partial saves older than the newest commit
-            match = TAG_RE.match(path.name)
-            if match and int(match.group(1)) < newest and not (path / MANIFEST).exists():
-                shutil.rmtree(path, ignore_errors=True)
+        for path in self.root.iterdir():
+            if path.name.startswith(".") and UNIVERSAL_SUFFIX in path.name:
+                shutil.rmtree(path, ignore_errors=True)  # a conversion that died half-way
+                continue
+            base = path.name.removesuffix(UNIVERSAL_SUFFIX)
+            match = TAG_RE.match(base)
+            if not match:
+                continue
+            if path.name != base and not (self.root / base).is_dir():
+                shutil.rmtree(path, ignore_errors=True)  # universal form of a pruned checkpoint
+            elif int(match.group(1)) < newest and not (path / MANIFEST).exists() and path.name == base:
+                shutil.rmtree(path, ignore_errors=True)  # abandoned partial save older than the newest commit
 
     # ------------------------------------------------------------------------------------------ find
 
@@ -143,29 +200,12 @@ class CheckpointManager:
             match = TAG_RE.match(path.name)
             if not match:
                 continue
-            problem = self._structural_problem(path)
+            problem = structural_problem(path)
             if problem:
                 log.warning("ignoring incomplete checkpoint %s: %s", path, problem)
                 continue
             found.append(Committed(int(match.group(1)), path))
         return found
-
-    @staticmethod
-    def _structural_problem(path: Path) -> str | None:
-        manifest = path / MANIFEST
-        if not manifest.exists():
-            return "no MANIFEST.json (the save did not finish)"
-        try:
-            files = json.loads(manifest.read_text())["files"]
-        except (ValueError, KeyError) as exc:
-            return f"unreadable manifest ({exc})"
-        for name, meta in files.items():
-            f = path / name
-            if not f.exists():
-                return f"{name} is missing"
-            if f.stat().st_size != meta["bytes"]:
-                return f"{name} has {f.stat().st_size} bytes, the manifest says {meta['bytes']}"
-        return None
 
     def find_resume(self) -> Committed | None:
         """What `checkpoint.resume` selects: None for a fresh start."""
@@ -173,19 +213,17 @@ class CheckpointManager:
             return None
         if self.cfg.resume != "auto":
             path = Path(self.cfg.resume)
-            problem = self._structural_problem(path)
+            problem = structural_problem(path)
             if problem:
                 raise ValueError(f"checkpoint.resume={path}: not a committed checkpoint ({problem})")
-            match = TAG_RE.match(path.name)
-            return Committed(int(match.group(1)) if match else -1, path)
+            return Committed(read_manifest(path)["step"], path)
         committed = self.committed()
         return committed[0] if committed else None
 
     def verify(self, ckpt: Committed) -> None:
         """Recompute every checksum (shared among ranks); raise if any file differs from the manifest."""
-        files = json.loads((ckpt.path / MANIFEST).read_text())["files"]
-        names = sorted(files)[self.info.rank :: self.info.world_size]
-        bad = [n for n in names if sha256_file(ckpt.path / n) != files[n]["sha256"]]
+        names = sorted(read_manifest(ckpt.path)["files"])[self.info.rank :: self.info.world_size]
+        bad = checksum_mismatches(ckpt.path, names)
         flag = dist.all_reduce_sum(torch.tensor([float(len(bad))]))
         if flag.item() > 0:
             raise ValueError(
@@ -194,4 +232,129 @@ class CheckpointManager:
             )
 
     def saved_world_size(self, ckpt: Committed) -> int:
-        return int(json.loads((ckpt.path / MANIFEST).read_text())["world_size"])
+        """World size of the run that wrote `ckpt` (its data-parallel degree)."""
+        return int(read_manifest(ckpt.path)["world_size"])
+
+    # ------------------------------------------------------------------------------------------ universal
+
+    def universal(self, ckpt: Committed) -> Path:
+        """The universal form of `ckpt` (next to it), converted once by rank 0 while the others wait.
+
+        Collective. DeepSpeed's `ds_to_universal` runs in a subprocess into a hidden folder that is renamed
+        into place when it finished, so a conversion killed half-way is redone, never loaded. Raises on
+        every rank when the conversion fails.
+        """
+        target = ckpt.path.with_name(ckpt.path.name + UNIVERSAL_SUFFIX)
+        error = None
+        if self.info.is_main and not target.is_dir():
+            error = _convert_to_universal(ckpt.path, target)
+        error = dist.broadcast_object(error)
+        if error:
+            raise RuntimeError(error)
+        return target
+
+
+# ==================================================================================================== helpers
+
+
+def read_manifest(tag_dir: Path) -> dict:
+    """The parsed MANIFEST.json of a committed checkpoint folder."""
+    return json.loads((tag_dir / MANIFEST).read_text())
+
+
+def checksum_mismatches(tag_dir: Path, names: list[str] | None = None) -> list[str]:
+    """Files of `tag_dir` (all, or `names`) whose sha256 differs from the manifest's."""
+    files = read_manifest(tag_dir)["files"]
+    return [
+        n
+        for n in (sorted(files) if names is None else names)
+        if sha256_file(tag_dir / n) != files[n]["sha256"]
+    ]
+
+
+def structural_problem(path: Path) -> str | None:
+    """Why `path` is not a complete checkpoint (no manifest, a file missing or of another size), or None."""
+    manifest = path / MANIFEST
+    if not manifest.exists():
+        return "no MANIFEST.json (the save did not finish)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError) as exc:
+        return f"unreadable manifest ({exc})"
+    for name, meta in files.items():
+        f = path / name
+        if not f.exists():
+            return f"{name} is missing"
+        if f.stat().st_size != meta["bytes"]:
+            return f"{name} has {f.stat().st_size} bytes, the manifest says {meta['bytes']}"
+    return None
+
+
+def _convert_to_universal(source: Path, target: Path) -> str | None:
+    """Run DeepSpeed's converter into a hidden folder, then rename it to `target`. Returns an error or None."""
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(source),
+        "--output_folder",
+        str(tmp),
+        "--num_extract_workers",
+        str(max(1, min(4, os.cpu_count() or 1))),
+    ]
+    log.info("converting %s to DeepSpeed's universal checkpoint (another world size)", source)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return f"universal conversion of {source} failed ({' '.join(cmd)}):\n{proc.stderr[-3000:]}"
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+    # The converter also writes `latest_universal` naming its (temporary) output folder; we always pass
+    # the tag explicitly, and a pointer to a folder that no longer exists would only mislead.
+    (target.parent / "latest_universal").unlink(missing_ok=True)
+    return None
+
+
+def average_batchnorm_stats(module: torch.nn.Module) -> int:
+    """Replace every BatchNorm running mean/var by its mean over ranks, in place. Returns how many layers.
+
+    Collective (one all_reduce of all statistics). Each rank's running statistics come from its own
+    batches, and DeepSpeed's consolidation keeps rank 0's buffers only; averaging before a save makes
+    every rank's saved copy, the exported weights and the evaluation of every rank agree. The training
+    loss does not depend on them (training mode normalises with the batch statistics).
+    """
+    layers = [m for m in module.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    stats = [b for m in layers for b in (m.running_mean, m.running_var) if b is not None]
+    if not stats or not dist.is_initialized() or torch.distributed.get_world_size() == 1:
+        return len(layers)
+    flat = torch.cat([b.detach().reshape(-1).to(torch.float64) for b in stats])  # [sum of channels] x 2
+    dist.all_reduce_sum(flat)
+    flat /= torch.distributed.get_world_size()
+    offset = 0
+    for b in stats:
+        b.copy_(flat[offset : offset + b.numel()].view_as(b))
+        offset += b.numel()
+    return len(layers)
+
+
+def batchnorm_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """name -> CPU copy of every BatchNorm buffer (running mean/var, batches tracked)."""
+    out = {}
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            for key, buf in m.named_buffers(recurse=False):
+                out[f"{name}.{key}"] = buf.detach().cpu().clone()
+    return out
+
+
+def load_batchnorm_state(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy `batchnorm_state` output back (a universal checkpoint load restores parameters, not buffers)."""
+    buffers = dict(module.named_buffers())
+    missing = sorted(set(state) - set(buffers))
+    if missing:
+        raise ValueError(f"checkpoint BatchNorm buffers {missing[:3]} do not exist in this model")
+    for name, value in state.items():
+        buffers[name].copy_(value)

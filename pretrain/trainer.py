@@ -12,6 +12,8 @@ by `_restore()` in the same order.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 import os
 import random
@@ -26,8 +28,15 @@ import torch
 
 from data_pipeline.loader import build_eval_loader, build_train_loader
 from pretrain import dist
-from pretrain.checkpoint import CheckpointManager, Committed
-from pretrain.config import TrainConfig, resume_hash
+from pretrain.checkpoint import (
+    CheckpointManager,
+    Committed,
+    average_batchnorm_stats,
+    batchnorm_state,
+    load_batchnorm_state,
+    read_manifest,
+)
+from pretrain.config import RESUME_INVARIANT_KEYS, TrainConfig, resume_hash
 from pretrain.configlib import dump_yaml, flatten, to_tree
 from pretrain.ds_config import deepspeed_config, grad_accum_steps
 from pretrain.engine import build_engine, build_model, full_parameter_count
@@ -288,67 +297,135 @@ class Trainer:
     # ================================================================================================ state
 
     def _client_state(self) -> dict:
+        """Everything DeepSpeed does not save, in two parts; collective (the canary loss is a ZeRO-3 forward).
+
+        `shared` is identical on every rank (counters, canary, BatchNorm statistics), so any rank can
+        resume from rank 0's copy: after a world-size change DeepSpeed's universal load hands every rank
+        rank 0's client state. `rank` is this rank's own (data loader, RNG), restored as is at the same
+        world size; at another one only the loader's global cursor is taken from it (see `_restore`).
+        """
+        if self._canary is not None:  # rank 0's batch on every rank: one canary that any world size can check
+            self._canary = dist.broadcast_object(self._canary)
         return {
             "trainer": {
-                "state": self.state.__dict__.copy(),
-                "resume_hash": resume_hash(self.cfg),
-                "resume_fields": to_tree(self.cfg.model),
-                "world_size": self.info.world_size,
-                "loader": self.train_loader.state_dict(),
-                "rng": _rng_state(),
-                "canary": {**self._canary, "loss": self._canary_loss()} if self._canary else None,
+                "shared": {
+                    "state": self.state.__dict__.copy(),
+                    "world_size": self.info.world_size,
+                    "canary": {**self._canary, "loss": self._canary_loss(self._canary)}
+                    if self._canary
+                    else None,
+                    "batchnorm": batchnorm_state(self.engine.module),
+                },
+                "rank": {
+                    "rank": self.info.rank,
+                    "loader": self.train_loader.state_dict(),
+                    "rng": _rng_state(),
+                },
             }
         }
 
     def _save(self, step: int) -> None:
+        """Commit a checkpoint of `step` (collective); the manifest carries what resume and export check."""
         self.state.mlflow_run_id = self.tracker.run_id or self.state.mlflow_run_id
         t0 = time.perf_counter()
-        path = self.checkpoints.save(self.engine, step, self._client_state())
+        module = self.engine.module
+        average_batchnorm_stats(module)  # DeepSpeed's consolidation (export) keeps rank 0's buffers only
+        meta = {
+            "resume_hash": resume_hash(self.cfg),
+            "model_section": to_tree(self.cfg.model),
+            "model": {"name": self.cfg.model.name, "config": dataclasses.asdict(module.config)},
+            "image_size": self.cfg.model.image_size,
+            "num_classes": module.num_classes,
+            "label_kind": self.train_loader.label_kind,
+            "class_names": self.train_loader.class_names,
+            "samples_seen": self.state.samples_seen,
+        }
+        path = self.checkpoints.save(self.engine, step, self._client_state(), meta)
         self.events.record("checkpoint", step=step)
         log.info("checkpoint %s committed in %.1f s", path, time.perf_counter() - t0)
         self.tracker.log_metrics({"checkpoint_s": time.perf_counter() - t0}, step)
 
     def _resume(self) -> Committed | None:
+        """Load what `checkpoint.resume` selects (None: a fresh start).
+
+        A checkpoint saved at another world size is converted to DeepSpeed's universal checkpoint first.
+        """
         ckpt = self.checkpoints.find_resume()
         ckpt = dist.broadcast_object(ckpt)  # every rank loads the same one, even on a racy filesystem
         if ckpt is None:
             return None
+        meta = read_manifest(ckpt.path)["meta"]
+        if meta.get("resume_hash") != resume_hash(self.cfg):
+            raise ValueError(
+                f"checkpoint {ckpt.path} was saved with another model/seed/batch config than this run's "
+                f"(keys {', '.join(RESUME_INVARIANT_KEYS)}); saved model section: {meta.get('model_section')}, "
+                f"this run's: {to_tree(self.cfg.model)}"
+            )
         self.checkpoints.verify(ckpt)
-        _, client = self.engine.load_checkpoint(
-            str(ckpt.path.parent), tag=ckpt.path.name, load_module_strict=True
-        )
-        self._restore(client["trainer"], ckpt)
+        saved_world = self.checkpoints.saved_world_size(ckpt)
+        if saved_world == self.info.world_size:
+            _, client = self.engine.load_checkpoint(
+                str(ckpt.path.parent), tag=ckpt.path.name, load_module_strict=True
+            )
+        else:
+            universal = self.checkpoints.universal(ckpt)
+            # The engine exists before the checkpoint is chosen; DeepSpeed reads this switch only while
+            # loading (engine.load_universal_checkpoint()), so it is turned on for this one load.
+            self.engine._config.load_universal_checkpoint = True
+            try:
+                _, client = self.engine.load_checkpoint(
+                    str(universal.parent), tag=universal.name, load_module_strict=True
+                )
+            finally:
+                self.engine._config.load_universal_checkpoint = False
+            log.info(
+                "checkpoint of %d rank(s) loaded into %d through %s",
+                saved_world,
+                self.info.world_size,
+                universal,
+            )
+        if client is None:
+            raise ValueError(f"DeepSpeed found no model states in {ckpt.path}")
+        self._restore(client["trainer"], ckpt, same_world=saved_world == self.info.world_size)
         return ckpt
 
-    def _restore(self, saved: dict, ckpt: Committed) -> None:
-        if saved["resume_hash"] != resume_hash(self.cfg):
-            raise ValueError(
-                f"checkpoint {ckpt.path} was saved with a different model/seed/batch config than "
-                f"this run's; saved model section: {saved['resume_fields']}"
-            )
-        self.state = TrainState(**saved["state"])
-        self.train_loader.load_state_dict(saved["loader"])
-        _set_rng_state(saved["rng"])
-        self._canary = saved["canary"]
+    def _restore(self, saved: dict, ckpt: Committed, same_world: bool) -> None:
+        """Counters, data position, RNG, BatchNorm statistics, then the canary check, as `_client_state` saved them.
+
+        Another world size: the loader continues from the saved global cursor (the rest of the epoch, every
+        remaining sample once across the new ranks; augmentation randomness restarts from a seed of
+        (seed, epoch, cursor, rank)), and the RNG restarts from a seed of (run seed, step, rank).
+        """
+        shared, own = saved["shared"], saved["rank"]
+        self.state = TrainState(**shared["state"])
+        self.train_loader.load_state_dict(own["loader"])
+        if same_world:
+            _set_rng_state(own["rng"])
+        else:
+            key = f"{self.cfg.run.seed}/{self.state.step}/{self.info.rank}".encode()
+            _seed_everything(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+        load_batchnorm_state(self.engine.module, shared["batchnorm"])  # not in a universal checkpoint
+        self._canary = shared["canary"]
         if self._canary is not None:
-            loss = self._canary_loss()
-            # Every rank checks its own batch; all fail together so that none waits in a collective.
+            loss = self._canary_loss(self._canary)
+            # Every rank checks the same batch; all fail together so that none waits in a collective.
             worst = dist.all_reduce_max(torch.tensor([abs(loss - self._canary["loss"])], dtype=torch.float64))
             if worst.item() > self.cfg.checkpoint.canary_tolerance:
                 raise ValueError(
                     f"resume canary failed for {ckpt.path}: a fixed batch's loss moved by "
-                    f"{worst.item():.3g} between save and load (this rank: {self._canary['loss']:.6f} "
-                    f"-> {loss:.6f}); the checkpoint does not reproduce the saved model"
+                    f"{worst.item():.3g} between save and load ({self._canary['loss']:.6f} -> {loss:.6f}, "
+                    f"checkpoint.canary_tolerance={self.cfg.checkpoint.canary_tolerance}); "
+                    "the checkpoint does not reproduce the saved model"
                 )
         log.info("resumed from %s at step %d (epoch %.2f)", ckpt.path, self.state.step, self._epoch())
 
-    def _canary_loss(self) -> float:
+    def _canary_loss(self, canary: dict) -> float:
         """Loss of the canary batch in eval mode (deterministic, touches no RNG and no BN statistics)."""
         self.engine.eval()
         try:
             with torch.no_grad():
-                images = self._canary["images"].to(self.device)
-                loss = self.loss_fn(self.engine(images), self._canary["targets"].to(self.device))
+                images = canary["images"].to(self.device)
+                loss = self.loss_fn(self.engine(images), canary["targets"].to(self.device))
         finally:
             self.engine.train()
         return loss.item()

@@ -1,0 +1,175 @@
+"""The checkpoint commit protocol, retention and integrity checks, in one process.
+
+The multi-rank behaviour with DeepSpeed (exact resume, SIGKILL inside a save, another world size) is in
+test_checkpoint_resume.py. Here a small file-writing engine stands in for DeepSpeed's `save_checkpoint`
+(the manager only needs the files to appear under <root>/<tag>), so every case runs in milliseconds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain import dist
+from pretrain.checkpoint import (
+    MANIFEST,
+    POINTER,
+    CheckpointManager,
+    Committed,
+    _fault_point,
+    batchnorm_state,
+    load_batchnorm_state,
+    read_manifest,
+    structural_problem,
+    tag_for,
+)
+from pretrain.config import CheckpointConfig
+from pretrain.export import resolve_checkpoint
+from pretrain.model import create_model
+
+SINGLE = dist.RankInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, launcher="single")
+MODEL_FILE = "zero_pp_rank_0_mp_rank_00_model_states.pt"
+OPTIM_FILE = "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"
+
+
+class FileWritingEngine:
+    """Writes what one ZeRO-3 rank writes (a model-states and an optimizer-states file) per save."""
+
+    def __init__(self, optim_bytes: int = 1 << 16) -> None:
+        self.optim_bytes = optim_bytes
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        assert not save_latest  # the manager owns the pointer; DeepSpeed's in-place `latest` is not atomic
+        folder = Path(save_dir) / tag
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(client_state, folder / MODEL_FILE)
+        (folder / OPTIM_FILE).write_bytes(os.urandom(self.optim_bytes))
+
+
+def manager(root: Path, **cfg) -> CheckpointManager:
+    return CheckpointManager(CheckpointConfig(**cfg), root, SINGLE)
+
+
+def test_save_commits_manifest_with_sizes_checksums_meta_and_pointer(tmp_path: Path) -> None:
+    mgr = manager(tmp_path)
+    path = mgr.save(FileWritingEngine(), 7, {"x": 1}, meta={"model": {"name": "m"}})
+    assert path == tmp_path / tag_for(7)
+    manifest = read_manifest(path)
+    assert manifest["step"] == 7 and manifest["world_size"] == 1 and manifest["meta"]["model"]["name"] == "m"
+    assert set(manifest["files"]) == {MODEL_FILE, OPTIM_FILE}
+    assert manifest["files"][OPTIM_FILE]["bytes"] == 1 << 16
+    assert (tmp_path / POINTER).read_text().strip() == tag_for(7)
+    assert mgr.find_resume() == Committed(7, path)
+    mgr.verify(Committed(7, path))  # checksums recomputed: no error
+    assert not [p for p in path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
+
+
+def test_incomplete_checkpoints_are_ignored_and_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mgr = manager(tmp_path, keep_last=10)
+    for step in (10, 20, 30, 40):
+        mgr.save(FileWritingEngine(), step, {"step": step})
+    (tmp_path / tag_for(40) / MANIFEST).unlink()  # a save that died before its commit point
+    truncated = tmp_path / tag_for(30) / OPTIM_FILE  # a torn file under a manifest (storage lost a write)
+    truncated.write_bytes(truncated.read_bytes()[:100])
+    (tmp_path / tag_for(20) / MODEL_FILE).unlink()
+    with caplog.at_level(logging.WARNING, logger="pretrain.checkpoint"):
+        assert mgr.find_resume() == Committed(10, tmp_path / tag_for(10))
+    text = caplog.text
+    assert f"{tag_for(40)}: no MANIFEST.json" in text
+    assert f"{tag_for(30)}: {OPTIM_FILE} has 100 bytes, the manifest says 65536" in text
+    assert f"{tag_for(20)}: {MODEL_FILE} is missing" in text
+
+
+def test_a_flipped_byte_fails_verification_naming_the_file(tmp_path: Path) -> None:
+    mgr = manager(tmp_path)
+    path = mgr.save(FileWritingEngine(), 5, {})
+    data = bytearray((path / OPTIM_FILE).read_bytes())
+    data[1000] ^= 0xFF  # same size: only the checksum can tell
+    (path / OPTIM_FILE).write_bytes(bytes(data))
+    assert structural_problem(path) is None
+    with pytest.raises(ValueError, match=f"fails its checksums \\({OPTIM_FILE}\\)"):
+        mgr.verify(Committed(5, path))
+
+
+def test_retention_keeps_last_k_and_every_mth_and_drops_universal_and_debris(tmp_path: Path) -> None:
+    mgr = manager(tmp_path, keep_last=2, keep_every=30)
+    mgr.save(FileWritingEngine(), 10, {})
+    (tmp_path / (tag_for(10) + "_universal")).mkdir()  # its universal form, made by a resume
+    (tmp_path / ".step_000000020_universal.tmp99").mkdir()  # a conversion that died half-way
+    (tmp_path / tag_for(15)).mkdir()  # a partial save, older than the newest commit below
+    for step in range(20, 80, 10):
+        mgr.save(FileWritingEngine(), step, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [POINTER, tag_for(30), tag_for(60), tag_for(70)]
+
+
+def test_a_partial_save_at_the_same_step_is_replaced_and_a_committed_one_is_kept(tmp_path: Path) -> None:
+    mgr = manager(tmp_path)
+    debris = tmp_path / tag_for(10)
+    debris.mkdir()
+    (debris / "zero_pp_rank_7_mp_rank_00_model_states.pt").write_bytes(b"from a dead run of 8 ranks")
+    path = mgr.save(FileWritingEngine(), 10, {})
+    assert set(read_manifest(path)["files"]) == {MODEL_FILE, OPTIM_FILE}  # the stale rank-7 file is gone
+    before = (path / MANIFEST).read_text()
+    mgr.save(FileWritingEngine(optim_bytes=10), 10, {})  # e.g. a preemption right after a periodic save
+    assert (path / MANIFEST).read_text() == before
+
+
+def test_resume_setting_never_or_an_explicit_folder(tmp_path: Path) -> None:
+    mgr = manager(tmp_path)
+    path = mgr.save(FileWritingEngine(), 3, {})
+    assert manager(tmp_path, resume="never").find_resume() is None
+    assert manager(tmp_path / "elsewhere", resume=str(path)).find_resume() == Committed(3, path)
+    (path / MANIFEST).unlink()
+    with pytest.raises(ValueError, match=r"checkpoint.resume=.*not a committed checkpoint \(no MANIFEST"):
+        manager(tmp_path, resume=str(path)).find_resume()
+    assert manager(tmp_path).find_resume() is None
+
+
+def test_export_refuses_incomplete_or_missing_checkpoints(tmp_path: Path) -> None:
+    mgr = manager(tmp_path / "run" / "checkpoints")
+    first = mgr.save(FileWritingEngine(), 1, {})
+    second = mgr.save(FileWritingEngine(), 2, {})
+    (second / MANIFEST).unlink()
+    assert resolve_checkpoint(tmp_path / "run") == first  # the newest committed one, not the newest folder
+    with pytest.raises(ValueError, match="not a committed checkpoint"):
+        resolve_checkpoint(second)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        resolve_checkpoint(tmp_path / "nothing")
+    (first / MANIFEST).unlink()
+    with pytest.raises(FileNotFoundError, match="holds no committed checkpoint"):
+        resolve_checkpoint(tmp_path / "run")
+
+
+def test_fault_injection_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("COATNET_CHECKPOINT_FAULT", "halfway:1")
+    with pytest.raises(ValueError, match="COATNET_CHECKPOINT_FAULT='halfway:1'"):
+        _fault_point("written", 0)
+    monkeypatch.setenv("COATNET_CHECKPOINT_FAULT", "written:1")
+    _fault_point("written", 0)  # another rank: nothing happens
+    _fault_point("hashed", 1)  # another point: nothing happens
+
+
+TINY = {"depths": [1, 1, 1, 1, 1], "dims": [16, 16, 32, 64, 128], "head_dim": 16}
+
+
+def test_batchnorm_state_round_trip() -> None:
+    torch.manual_seed(0)
+    model = create_model("coatnet_0", num_classes=10, image_size=32, **TINY)
+    model.train()
+    model(torch.randn(4, 3, 32, 32))  # moves the running statistics away from their initial values
+    saved = batchnorm_state(model)
+    assert saved and all(".running_mean" in k or ".running_var" in k or "num_batches" in k for k in saved)
+    fresh = create_model("coatnet_0", num_classes=10, image_size=32, **TINY)
+    load_batchnorm_state(fresh, saved)
+    buffers = dict(fresh.named_buffers())
+    assert all(torch.equal(buffers[k], v) for k, v in saved.items())
+    with pytest.raises(ValueError, match="do not exist in this model"):
+        load_batchnorm_state(fresh, {"nowhere.running_mean": torch.zeros(1)})
+    json.dumps({k: v.tolist() for k, v in saved.items()})  # plain tensors, nothing model-specific
