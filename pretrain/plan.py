@@ -1,0 +1,577 @@
+"""``coatnet-plan``: will a recipe fit a cluster, and how fast will it run? Answered before renting it.
+
+    coatnet-plan --config configs/coatnet7_jft.yaml --nodes 8 --gpus-per-node 8 --gpu-memory 80GiB
+
+Per-GPU memory under DeepSpeed ZeRO-3 with bf16 compute and fp32 master weights (what the trainer runs):
+
+- model states, partitioned over the W ranks: bf16 parameters 2 B/param (parameters smaller than
+  ``engine.param_persistence_threshold`` stay whole on every rank), fp32 master weights + Adam m and v
+  12 B/param, bf16 gradient partition 2 B/param; at the optimizer step DeepSpeed also upcasts the
+  gradient partition to fp32 (4 B/param, per sub-group), when activations are already freed.
+- the gathered-parameter working set: the largest layer plus one prefetch bucket in bf16 (capped by
+  ``engine.max_live_parameters``), the largest layer's full bf16 gradient and one reduce bucket.
+- activations, measured, not guessed: the model is run once on the meta device (no memory, no compute)
+  with a saved-tensor hook that records every tensor autograd keeps for backward, block by block, at two
+  batch sizes (activation bytes are affine in the batch). Attention is accounted as the GPU's
+  memory-efficient SDPA kernel keeps it (q, k, v, bias, output and the log-sum-exp), not as the meta
+  device's reference implementation, which would keep the N x N attention matrix.
+  With activation checkpointing only each block's input stays alive, plus one block's recomputed
+  activations during its backward.
+- a fixed reserve (``--reserve``) for the CUDA context, NCCL and cuBLAS buffers and allocator slack.
+
+Speed: a training image costs 6 x the model's multiply-accumulates (forward 2, backward 4: the MFU
+convention of ``pretrain.metrics``; checkpointing's recompute is part of what MFU loses), so
+step time = images per GPU per step x 6 x MACs / (peak x MFU). Communication: ZeRO-3 moves about 3 x the
+bf16 parameter bytes per micro-step per rank (all-gather in forward, all-gather in backward,
+reduce-scatter of gradients), times (W - 1) / W on a ring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from pretrain.config import EngineConfig, ModelConfig, TrainConfig, load_config
+from pretrain.configlib import ConfigError
+from pretrain.model import count_macs, create_model
+
+BF16 = 2  # bytes per bf16 element
+FP32 = 4
+# fp32 master weights + Adam exp_avg + exp_avg_sq, bytes per parameter.
+MASTER_AND_ADAM = 3 * FP32
+# DeepSpeed's zero_optimization.sub_group_size default (elements): the fp32 gradient upcast at the
+# optimizer step covers at most one sub-group at a time. The trainer does not change it.
+DS_SUB_GROUP_SIZE = 1_000_000_000
+GIB = 2**30
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def parse_memory(text: str) -> int:
+    """'80GiB' -> bytes. Units: KiB/MiB/GiB/TiB (powers of 2) or KB/MB/GB/TB (powers of 10)."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B)\s*", text, flags=re.IGNORECASE)
+    if not match:
+        raise ValueError(f"memory size {text!r}: expected a number and a unit, e.g. 80GiB, 80GB or 141GB")
+    value, unit = float(match.group(1)), match.group(2).upper()
+    power = "KMGT".index(unit[0]) + 1
+    return int(value * (1024**power if "I" in unit else 1000**power))
+
+
+@dataclass
+class Cluster:
+    """The machines a plan is made for."""
+
+    nodes: int
+    gpus_per_node: int
+    gpu_memory: int  # bytes per GPU
+    peak_tflops: float  # dense bf16 per GPU
+    mfu: float  # assumed model-FLOPs utilisation, 0..1
+    link_gbytes: float  # per-GPU network bandwidth, GB/s, for the communication time
+    reserve: int  # bytes per GPU outside the model: CUDA context, NCCL/cuBLAS buffers, fragmentation
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+# ---------------------------------------------------------------------------------------------- model profile
+
+
+@dataclass
+class BlockActivations:
+    """Bytes autograd keeps for one block's backward: ``fixed + per_image * batch`` (affine in batch)."""
+
+    name: str
+    saved_fixed: int
+    saved_per_image: int
+    input_per_image: int  # what activation checkpointing keeps of this block
+    output_per_image: int
+
+    def saved(self, batch: int) -> int:
+        return self.saved_fixed + self.saved_per_image * batch
+
+
+@dataclass
+class ModelProfile:
+    """Everything the plan needs to know about one model at one resolution."""
+
+    name: str
+    image_size: int
+    params: int
+    persistent_params: int  # parameters below the persistence threshold, kept whole on every rank
+    largest_layer: str
+    largest_layer_params: int
+    macs_per_image: int
+    blocks: list[BlockActivations] = field(default_factory=list)
+
+
+def model_parameter_stats(model: nn.Module) -> tuple[int, str, int]:
+    """(total parameters, name of the largest layer, its parameters).
+
+    A "layer" is one module's own parameters (not its children's): the unit ZeRO-3 gathers, and the
+    definition DeepSpeed's estimator uses (``deepspeed.runtime.zero.stage3.model_to_params``).
+    """
+    total = sum(p.numel() for p in model.parameters())
+    name, largest = "", 0
+    for module_name, module in model.named_modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        if own > largest:
+            name, largest = module_name, own
+    return total, name, largest
+
+
+class _SavedTensorRecorder:
+    """Adds up the bytes of the distinct tensors autograd saves, attributed to the running block.
+
+    A tensor saved twice (or through two views) counts once, for the block that saved it first: a
+    block's output that the next block saves is that next block's memory. Parameters and buffers are
+    not activations and are skipped.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.excluded = {id(t) for t in (*model.parameters(), *model.buffers())}
+        self.seen: set[int] = set()
+        self.keep: list[torch.Tensor] = []  # holds the tensors so their ids stay unique
+        self.current = "other"
+        self.saved: dict[str, int] = {}
+
+    def add(self, tensor: torch.Tensor) -> None:
+        base = tensor if tensor._base is None else tensor._base
+        if id(base) in self.excluded or id(base) in self.seen:
+            return
+        self.seen.add(id(base))
+        self.keep.append(base)
+        self.saved[self.current] = self.saved.get(self.current, 0) + base.numel() * base.element_size()
+
+    def pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        self.add(tensor)
+        return tensor
+
+
+class _MemoryEfficientAttention(TorchFunctionMode):
+    """Replaces SDPA during the meta forward by what the GPU's memory-efficient kernel saves.
+
+    Saved: q, k, v (B, heads, N, d), the additive bias (heads, N, N), the output (B, heads, N, d) and
+    the fp32 log-sum-exp (B, heads, N). The meta device would otherwise run the reference math path,
+    which saves the (B, heads, N, N) softmax as well.
+    """
+
+    def __init__(self, recorder: _SavedTensorRecorder) -> None:
+        super().__init__()
+        self.recorder = recorder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        q, k, v = args[:3]
+        mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+        out = q.clone()  # same shape (B, heads, N, d); clone saves nothing itself
+        logsumexp = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
+        for tensor in (q, k, v, mask, out, logsumexp):
+            if tensor is not None:
+                self.recorder.add(tensor)
+        return out
+
+
+def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The checkpointing units: every block of every stage, then the head (never checkpointed)."""
+    units = [
+        (f"stages.{s}.blocks.{b}", block)
+        for s, stage in enumerate(model.stages)
+        for b, block in enumerate(stage.blocks)
+    ]
+    return [*units, ("head", model.head)]
+
+
+def _measure(model: nn.Module, batch: int, image_size: int) -> tuple[dict[str, int], dict[str, tuple]]:
+    """One meta forward: saved bytes per unit, and (input numel, output numel) per unit."""
+    recorder = _SavedTensorRecorder(model)
+    sizes: dict[str, tuple[int, int]] = {}
+    handles = []
+    for name, unit in _blocks(model):
+
+        def pre(module, inputs, name=name):
+            recorder.current = name
+
+        def post(module, inputs, output, name=name):
+            sizes[name] = (inputs[0].numel(), output.numel())
+            recorder.current = "other"
+
+        handles += [unit.register_forward_pre_hook(pre), unit.register_forward_hook(post)]
+    x = torch.empty(batch, model.config.in_chans, image_size, image_size, device="meta", dtype=torch.bfloat16)
+    try:
+        with (
+            torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t),
+            _MemoryEfficientAttention(recorder),
+        ):
+            model(x.requires_grad_(False))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return recorder.saved, sizes
+
+
+def profile_model(cfg: ModelConfig, num_classes: int, persistence_threshold: int) -> ModelProfile:
+    """Parameters, MACs and per-block activation bytes of the configured model, on the meta device.
+
+    The model is built in bf16 (as ZeRO-3 holds it) in training mode; the input does not require
+    grad, like a real image batch.
+    """
+    with torch.device("meta"):
+        model = create_model(
+            cfg.name,
+            num_classes=num_classes,
+            image_size=cfg.image_size,
+            drop_path_rate=cfg.drop_path_rate,
+            **cfg.overrides(),
+        )
+    model = model.to(torch.bfloat16).train()
+    total, largest_name, largest = model_parameter_stats(model)
+    persistent = sum(p.numel() for p in model.parameters() if p.numel() < persistence_threshold)
+    saved1, sizes1 = _measure(model, 1, cfg.image_size)
+    saved2, _ = _measure(model, 2, cfg.image_size)
+    blocks = []
+    for name, _ in _blocks(model):
+        per_image = saved2.get(name, 0) - saved1.get(name, 0)
+        blocks.append(
+            BlockActivations(
+                name=name,
+                saved_fixed=saved1.get(name, 0) - per_image,
+                saved_per_image=per_image,
+                input_per_image=sizes1[name][0] * BF16,
+                output_per_image=sizes1[name][1] * BF16,
+            )
+        )
+    return ModelProfile(
+        name=cfg.name,
+        image_size=cfg.image_size,
+        params=total,
+        persistent_params=persistent,
+        largest_layer=largest_name,
+        largest_layer_params=largest,
+        macs_per_image=count_macs(model, cfg.image_size).macs,
+        blocks=blocks,
+    )
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+@dataclass
+class ModelStates:
+    """Per-GPU bytes of the ZeRO-3 model states and working buffers (independent of the batch)."""
+
+    params_bf16: int
+    master_and_adam: int
+    grads_bf16: int
+    gathered_params: int
+    gathered_grads: int
+    step_fp32_grads: int  # only at the optimizer step, when activations are freed
+
+    @property
+    def during_backward(self) -> int:
+        """What is alive next to the activations."""
+        return (
+            self.params_bf16
+            + self.master_and_adam
+            + self.grads_bf16
+            + self.gathered_params
+            + self.gathered_grads
+        )
+
+    @property
+    def at_step(self) -> int:
+        return self.params_bf16 + self.master_and_adam + self.grads_bf16 + self.step_fp32_grads
+
+
+def model_states(profile: ModelProfile, engine: EngineConfig, world_size: int) -> ModelStates:
+    """ZeRO-3 model-state bytes per GPU for ``world_size`` ranks (see the module docstring)."""
+    partitioned = profile.params - profile.persistent_params
+    shard = math.ceil(profile.params / world_size)
+    largest = profile.largest_layer_params
+    return ModelStates(
+        params_bf16=BF16 * (math.ceil(partitioned / world_size) + profile.persistent_params),
+        master_and_adam=MASTER_AND_ADAM * shard,
+        grads_bf16=BF16 * shard,
+        gathered_params=BF16 * min(engine.max_live_parameters, largest + engine.prefetch_bucket_size),
+        gathered_grads=BF16 * (largest + engine.reduce_bucket_size),
+        step_fp32_grads=FP32 * min(shard, DS_SUB_GROUP_SIZE),
+    )
+
+
+def deepspeed_estimate(profile: ModelProfile, cluster: Cluster) -> int:
+    """DeepSpeed's own estimate of the per-GPU model-state bytes (ZeRO-3, no offload, zero.Init).
+
+    ``estimate_zero3_model_states_mem_needs``: 18 B/param/world (bf16 params 2, fp32 master + Adam 12,
+    fp32 gradients 4) + 4 B x the largest layer (its gathered bf16 parameters and gradients).
+    """
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+    _, gpu_bytes, _ = estimate_zero3_model_states_mem_needs(
+        total_params=profile.params,
+        largest_layer_params=profile.largest_layer_params,
+        num_gpus_per_node=cluster.gpus_per_node,
+        num_nodes=cluster.nodes,
+        cpu_offload=False,
+        cpu_offload_params=False,
+        zero_init=True,
+    )
+    return gpu_bytes
+
+
+def activation_bytes(profile: ModelProfile, batch: int, checkpointing: bool) -> int:
+    """Peak activation bytes per GPU during backward at micro-batch ``batch``.
+
+    Without checkpointing every block's saved tensors are alive at the start of backward, plus the
+    gradients flowing through the block being differentiated (d output and d input). With it, only
+    each block's input is kept; the block being differentiated recomputes its saved tensors.
+    """
+    blocks, head = profile.blocks[:-1], profile.blocks[-1]
+    flowing = max((b.input_per_image + b.output_per_image) * batch for b in blocks)
+    if not checkpointing:
+        return sum(b.saved(batch) for b in profile.blocks) + flowing
+    inputs = sum(b.input_per_image * batch for b in blocks)
+    recomputed = max(b.saved(batch) + (b.input_per_image + b.output_per_image) * batch for b in blocks)
+    return inputs + recomputed + head.saved(batch)
+
+
+def peak_bytes(profile: ModelProfile, states: ModelStates, cluster: Cluster, batch: int, ckpt: bool) -> int:
+    """Per-GPU peak: the larger of (states + activations in backward) and (states at the step)."""
+    backward = states.during_backward + activation_bytes(profile, batch, ckpt)
+    return cluster.reserve + max(backward, states.at_step)
+
+
+def largest_fitting_batch(
+    profile: ModelProfile, states: ModelStates, cluster: Cluster, ckpt: bool, limit: int = 1 << 16
+) -> int:
+    """The largest micro-batch whose peak fits in the GPU's memory (0: not even one image)."""
+    fits = lambda b: peak_bytes(profile, states, cluster, b, ckpt) <= cluster.gpu_memory  # noqa: E731
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while high <= limit and fits(high):
+        low, high = high, high * 2
+    high = min(high, limit + 1)
+    while high - low > 1:  # fits(low) and not fits(high)
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    """The figures ``coatnet-plan`` prints, for one config on one cluster."""
+
+    config: str
+    cluster: Cluster
+    profile: ModelProfile
+    states: ModelStates
+    deepspeed_bytes: int
+    micro_batch: int
+    checkpointing: bool
+    global_batch: int
+    accumulation: int | None  # None: the global batch is not a multiple of micro-batch x world
+    activations: dict[bool, int]  # checkpointing -> bytes at micro_batch
+    peak: dict[bool, int]
+    max_batch: dict[bool, int]
+    max_usable_batch: dict[bool, int]  # largest fitting micro-batch that divides global / world
+    step_seconds: float
+    images_per_second: float
+    comm_bytes_per_step: int  # per rank
+    comm_seconds: float
+
+
+def _usable(global_batch: int, world: int, fitting: int) -> int:
+    """Largest micro-batch <= fitting with global_batch = micro x accumulation x world (0: none)."""
+    per_rank, rest = divmod(global_batch, world)
+    if rest:
+        return 0
+    return max((b for b in range(1, min(fitting, per_rank) + 1) if per_rank % b == 0), default=0)
+
+
+def make_plan(
+    cfg: TrainConfig, cluster: Cluster, config_name: str = "", num_classes: int | None = None
+) -> Plan:
+    """Profile the configured model and lay out memory, speed and traffic on ``cluster``."""
+    classes = num_classes or cfg.model.num_classes
+    if classes is None:
+        raise ValueError(f"{config_name or 'config'}: model.num_classes is null; pass --num-classes")
+    world = cluster.world_size
+    profile = profile_model(cfg.model, classes, cfg.engine.param_persistence_threshold)
+    states = model_states(profile, cfg.engine, world)
+    micro = cfg.data.batch_size
+    global_batch = cfg.engine.global_batch_size or micro * world
+    per_step = micro * world
+    accumulation = global_batch // per_step if global_batch % per_step == 0 else None
+    both = (False, True)
+    max_batch = {c: largest_fitting_batch(profile, states, cluster, c) for c in both}
+    images_per_gpu = global_batch / world
+    flops_per_image = 6.0 * profile.macs_per_image
+    step_seconds = images_per_gpu * flops_per_image / (cluster.peak_tflops * 1e12 * cluster.mfu)
+    micro_steps = accumulation if accumulation is not None else math.ceil(images_per_gpu / micro)
+    comm = int(3 * BF16 * profile.params * micro_steps * (world - 1) / world)
+    return Plan(
+        config=config_name,
+        cluster=cluster,
+        profile=profile,
+        states=states,
+        deepspeed_bytes=deepspeed_estimate(profile, cluster),
+        micro_batch=micro,
+        checkpointing=cfg.model.grad_checkpointing,
+        global_batch=global_batch,
+        accumulation=accumulation,
+        activations={c: activation_bytes(profile, micro, c) for c in both},
+        peak={c: peak_bytes(profile, states, cluster, micro, c) for c in both},
+        max_batch=max_batch,
+        max_usable_batch={c: _usable(global_batch, world, max_batch[c]) for c in both},
+        step_seconds=step_seconds,
+        images_per_second=global_batch / step_seconds,
+        comm_bytes_per_step=comm,
+        comm_seconds=comm / (cluster.link_gbytes * 1e9),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def _gib(n: float) -> str:
+    return f"{n / GIB:8.2f} GiB"
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as a fixed-width report (what ``coatnet-plan`` prints)."""
+    p, c, s = plan.profile, plan.cluster, plan.states
+    accum = str(plan.accumulation) if plan.accumulation is not None else "not an integer"
+    lines = [
+        f"{plan.config}: {p.name} at {p.image_size}x{p.image_size}, {p.params:,} parameters, "
+        f"{_count(p.macs_per_image)} MACs/image",
+        f"cluster: {c.nodes} nodes x {c.gpus_per_node} GPUs = {c.world_size} ranks, "
+        f"{c.gpu_memory / GIB:.1f} GiB each, {c.peak_tflops:g} TFLOP/s peak, MFU {c.mfu:.0%}",
+        f"batch: global {plan.global_batch} = micro {plan.micro_batch} x accumulation {accum} x "
+        f"{c.world_size} ranks",
+        "",
+        "memory per GPU (ZeRO-3, bf16, fp32 master weights)",
+        f"  bf16 parameter shard         {_gib(s.params_bf16)}   (2 B/param / {c.world_size}"
+        f"; {_count(p.persistent_params)} small params kept whole)",
+        f"  fp32 master + Adam m, v      {_gib(s.master_and_adam)}   (12 B/param / {c.world_size})",
+        f"  bf16 gradient shard          {_gib(s.grads_bf16)}   (2 B/param / {c.world_size})",
+        f"  gathered parameters          {_gib(s.gathered_params)}   "
+        f"(largest layer {p.largest_layer or '-'}: {_count(p.largest_layer_params)} + prefetch bucket)",
+        f"  gathered gradients           {_gib(s.gathered_grads)}   (largest layer + reduce bucket)",
+        f"  model states, total          {_gib(s.during_backward)}",
+        f"    DeepSpeed's estimator      {_gib(plan.deepspeed_bytes)}   "
+        "(estimate_zero3_model_states_mem_needs, no offload)",
+        f"  fp32 gradients at the step   {_gib(s.step_fp32_grads)}   (activations freed by then)",
+        f"  reserve                      {_gib(c.reserve)}   (CUDA context, NCCL, allocator slack)",
+        "",
+        f"{'':29}{'no checkpointing':>18}{'checkpointing':>16}",
+        _row("activations", plan.activations, _gib),
+        _row("peak", plan.peak, _gib),
+        _row("fits", {k: v <= c.gpu_memory for k, v in plan.peak.items()}, lambda ok: "yes" if ok else "NO"),
+        _row("largest micro-batch", plan.max_batch, str),
+        _row(f"  dividing {plan.global_batch}/{c.world_size}", plan.max_usable_batch, str),
+        f"  (the config {'uses' if plan.checkpointing else 'does not use'} activation checkpointing)",
+        "",
+        "speed",
+        f"  model FLOPs per image        {6 * p.macs_per_image / 1e9:10.1f} GFLOP   (6 x MACs)",
+        f"  step time                    {plan.step_seconds:10.3f} s",
+        f"  throughput                   {plan.images_per_second:10.0f} images/s   "
+        f"({plan.images_per_second / c.world_size:.1f} per GPU)",
+        f"  ZeRO-3 traffic per rank      {plan.comm_bytes_per_step / 1e9:10.2f} GB/step   "
+        f"(3 x bf16 params x {plan.accumulation or '?'} micro-steps)",
+        f"  at {c.link_gbytes:g} GB/s per GPU        {plan.comm_seconds:10.3f} s   "
+        f"({'hidden behind' if plan.comm_seconds < plan.step_seconds else 'LONGER than'} compute if overlapped)",
+    ]
+    return "\n".join(lines)
+
+
+def _row(label: str, values: dict[bool, object], fmt) -> str:
+    return f"  {label:<27}{fmt(values[False]):>18}{fmt(values[True]):>16}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="coatnet-plan",
+        description="Per-GPU memory, largest micro-batch, step time and ZeRO-3 traffic of a training "
+        "config on a GPU cluster, from the model measured on the meta device (no GPU needed).",
+    )
+    parser.add_argument("--config", required=True, help="training config (YAML)")
+    parser.add_argument("--nodes", type=int, required=True, help="number of nodes")
+    parser.add_argument("--gpus-per-node", type=int, required=True, help="GPUs per node")
+    parser.add_argument("--gpu-memory", required=True, help="memory per GPU, e.g. 80GiB, 80GB, 141GB")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="dense bf16 TFLOP/s per GPU (default: the config's engine.peak_tflops)",
+    )
+    parser.add_argument(
+        "--mfu", type=float, default=0.4, help="assumed model-FLOPs utilisation (default 0.4)"
+    )
+    parser.add_argument(
+        "--link-gbytes",
+        type=float,
+        default=50.0,
+        help="network GB/s per GPU (default 50: 400 Gb/s InfiniBand)",
+    )
+    parser.add_argument("--reserve", default="4GiB", help="per-GPU memory outside the model (default 4GiB)")
+    parser.add_argument("--num-classes", type=int, help="classifier size when the config leaves it null")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.batch_size=32")
+    return parser
+
+
+def _cluster(args: argparse.Namespace, cfg: TrainConfig) -> Cluster:
+    for name in ("nodes", "gpus_per_node"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 0 < args.mfu <= 1:
+        raise ValueError(f"--mfu must be in (0, 1], got {args.mfu}")
+    peak = args.peak_tflops if args.peak_tflops is not None else cfg.engine.peak_tflops
+    if peak <= 0:
+        raise ValueError("--peak-tflops must be positive (the config's engine.peak_tflops is 0)")
+    return Cluster(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        gpu_memory=parse_memory(args.gpu_memory),
+        peak_tflops=peak,
+        mfu=args.mfu,
+        link_gbytes=args.link_gbytes,
+        reserve=parse_memory(args.reserve),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``coatnet-plan``."""
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        plan = make_plan(cfg, _cluster(args, cfg), Path(args.config).name, args.num_classes)
+    except (ConfigError, ValueError) as err:
+        print(f"coatnet-plan: error: {err}", file=sys.stderr)
+        return 2
+    print(format_plan(plan))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
