@@ -29,6 +29,7 @@ reduce-scatter of gradients), times (W - 1) / W on a ring.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import re
 import sys
@@ -194,8 +195,13 @@ def _blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [*units, ("head", model.head)]
 
 
-def _measure(model: nn.Module, batch: int, image_size: int) -> tuple[dict[str, int], dict[str, tuple]]:
-    """One meta forward: saved bytes per unit, and (input numel, output numel) per unit."""
+def _measure(
+    model: nn.Module, batch: int, image_size: int, efficient_attention: bool = True
+) -> tuple[dict[str, int], dict[str, tuple]]:
+    """One meta forward: saved bytes per unit, and (input numel, output numel) per unit.
+
+    ``efficient_attention=False`` records what the device's own SDPA saves (tests compare the two).
+    """
     recorder = _SavedTensorRecorder(model)
     sizes: dict[str, tuple[int, int]] = {}
     handles = []
@@ -213,7 +219,7 @@ def _measure(model: nn.Module, batch: int, image_size: int) -> tuple[dict[str, i
     try:
         with (
             torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t),
-            _MemoryEfficientAttention(recorder),
+            _MemoryEfficientAttention(recorder) if efficient_attention else contextlib.nullcontext(),
         ):
             model(x.requires_grad_(False))
     finally:
