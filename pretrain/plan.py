@@ -399,6 +399,7 @@ class Plan:
     images_per_second: float
     comm_bytes_per_step: int  # per rank
     comm_seconds: float
+    total_steps: int | None  # schedule.steps, or schedule.epochs x --train-images / global batch
 
 
 def _usable(global_batch: int, world: int, fitting: int) -> int:
@@ -410,9 +411,16 @@ def _usable(global_batch: int, world: int, fitting: int) -> int:
 
 
 def make_plan(
-    cfg: TrainConfig, cluster: Cluster, config_name: str = "", num_classes: int | None = None
+    cfg: TrainConfig,
+    cluster: Cluster,
+    config_name: str = "",
+    num_classes: int | None = None,
+    train_images: int | None = None,
 ) -> Plan:
-    """Profile the configured model and lay out memory, speed and traffic on ``cluster``."""
+    """Profile the configured model and lay out memory, speed and traffic on ``cluster``.
+
+    ``train_images`` (the corpus size) turns an epoch-based schedule into a number of steps.
+    """
     classes = num_classes or cfg.model.num_classes
     if classes is None:
         raise ValueError(f"{config_name or 'config'}: model.num_classes is null; pass --num-classes")
@@ -448,7 +456,16 @@ def make_plan(
         images_per_second=global_batch / step_seconds,
         comm_bytes_per_step=comm,
         comm_seconds=comm / (cluster.link_gbytes * 1e9),
+        total_steps=_total_steps(cfg, global_batch, train_images),
     )
+
+
+def _total_steps(cfg: TrainConfig, global_batch: int, train_images: int | None) -> int | None:
+    if cfg.schedule.steps is not None:
+        return cfg.schedule.steps
+    if train_images is None:
+        return None
+    return max(1, round(cfg.schedule.epochs * train_images / global_batch))
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -509,6 +526,9 @@ def format_plan(plan: Plan) -> str:
         f"  at {c.link_gbytes:g} GB/s per GPU        {plan.comm_seconds:10.3f} s   "
         f"({'hidden behind' if plan.comm_seconds < plan.step_seconds else 'LONGER than'} compute if overlapped)",
     ]
+    if plan.total_steps is not None:
+        days = plan.total_steps * max(plan.step_seconds, plan.comm_seconds) / 86400
+        lines.append(f"  whole run                    {plan.total_steps:10d} steps   ({days:.1f} days)")
     return "\n".join(lines)
 
 
@@ -542,6 +562,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--reserve", default="4GiB", help="per-GPU memory outside the model (default 4GiB)")
     parser.add_argument("--num-classes", type=int, help="classifier size when the config leaves it null")
+    parser.add_argument(
+        "--train-images", type=int, help="training images per epoch: adds the whole run's steps and days"
+    )
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.batch_size=32")
     return parser
 
@@ -571,7 +594,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        plan = make_plan(cfg, _cluster(args, cfg), Path(args.config).name, args.num_classes)
+        plan = make_plan(
+            cfg, _cluster(args, cfg), Path(args.config).name, args.num_classes, args.train_images
+        )
     except (ConfigError, ValueError) as err:
         print(f"coatnet-plan: error: {err}", file=sys.stderr)
         return 2

@@ -299,6 +299,10 @@ def test_speed_and_traffic_follow_macs_peak_and_mfu(c7_plan):
     assert p.images_per_second == pytest.approx(4096 / p.step_seconds)
     assert p.comm_bytes_per_step == pytest.approx(3 * 2 * p.profile.params * 63 / 64, rel=1e-9)
     assert p.peak[False] <= H100.gpu_memory  # the recipe's own choice fits
+    assert p.total_steps is None  # an epoch schedule needs the corpus size
+    cfg = load_config(CONFIGS / "coatnet7_jft.yaml")
+    sized = plan.make_plan(cfg, H100, "coatnet7_jft.yaml", train_images=300_000_000)
+    assert sized.total_steps == round(14 * 300_000_000 / 4096)
 
 
 # ---------------------------------------------------------------------------------------------- command line
