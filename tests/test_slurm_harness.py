@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local_slurm import ClusterSpec, LocalSlurm, SlurmUnavailable, check_prerequisites, free_port
-from tests.fixtures.slurm import REPO_ROOT
+from cluster.local_slurm import ClusterSpec, LocalSlurm, free_port
+from tests.fixtures.slurm import REPO_ROOT, require_slurm
 
 CLUSTER = REPO_ROOT / "cluster"
 
@@ -53,10 +53,7 @@ def test_sbatch_scripts_requeue_and_warn_the_batch_shell(script: str) -> None:
 
 
 def _own_cluster(nodes: int) -> Iterator[LocalSlurm]:
-    try:
-        check_prerequisites(nodes)
-    except SlurmUnavailable as e:
-        pytest.skip(f"local Slurm unavailable: {e}")
+    require_slurm(nodes)
     base = Path(tempfile.mkdtemp(prefix="coatnet-slurm-"))
     pid = os.getpid() % 1_000_000
     spec = ClusterSpec(
