@@ -316,24 +316,14 @@ def model_states(profile: ModelProfile, engine: EngineConfig, world_size: int) -
     )
 
 
-def deepspeed_estimate(profile: ModelProfile, cluster: Cluster) -> int:
-    """DeepSpeed's own estimate of the per-GPU model-state bytes (ZeRO-3, no offload, zero.Init).
+def deepspeed_estimate(profile: ModelProfile, world_size: int) -> int:
+    """The per-GPU figure of DeepSpeed's ``estimate_zero3_model_states_mem_needs`` (no offload).
 
-    ``estimate_zero3_model_states_mem_needs``: 18 B/param/world (bf16 params 2, fp32 master + Adam 12,
-    fp32 gradients 4) + 4 B x the largest layer (its gathered bf16 parameters and gradients).
+    18 B/param/world (bf16 params 2, fp32 master + Adam 12, fp32 gradients 4) + 4 B x the largest
+    layer (its gathered bf16 parameters and gradients). Restated here so that planning does not import
+    DeepSpeed; tests/test_plan.py checks it against DeepSpeed's own function.
     """
-    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-
-    _, gpu_bytes, _ = estimate_zero3_model_states_mem_needs(
-        total_params=profile.params,
-        largest_layer_params=profile.largest_layer_params,
-        num_gpus_per_node=cluster.gpus_per_node,
-        num_nodes=cluster.nodes,
-        cpu_offload=False,
-        cpu_offload_params=False,
-        zero_init=True,
-    )
-    return gpu_bytes
+    return 4 * profile.largest_layer_params + int(18 * profile.params / world_size)
 
 
 def activation_bytes(profile: ModelProfile, batch: int, checkpointing: bool) -> int:
@@ -443,7 +433,7 @@ def make_plan(
         cluster=cluster,
         profile=profile,
         states=states,
-        deepspeed_bytes=deepspeed_estimate(profile, cluster),
+        deepspeed_bytes=deepspeed_estimate(profile, world),
         micro_batch=micro,
         checkpointing=cfg.model.grad_checkpointing,
         global_batch=global_batch,
@@ -520,7 +510,8 @@ def format_plan(plan: Plan) -> str:
         f"  model FLOPs per image        {6 * p.macs_per_image / 1e9:10.1f} GFLOP   (6 x MACs)",
         f"  step time                    {plan.step_seconds:10.3f} s",
         f"  throughput                   {plan.images_per_second:10.0f} images/s   "
-        f"({plan.images_per_second / c.world_size:.1f} per GPU)",
+        f"({plan.images_per_second / c.world_size:.1f} per GPU, "
+        f"{plan.images_per_second / c.nodes:.0f} per node to decode)",
         f"  ZeRO-3 traffic per rank      {plan.comm_bytes_per_step / 1e9:10.2f} GB/step   "
         f"(3 x bf16 params x {plan.accumulation or '?'} micro-steps)",
         f"  at {c.link_gbytes:g} GB/s per GPU        {plan.comm_seconds:10.3f} s   "
