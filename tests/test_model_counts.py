@@ -94,13 +94,12 @@ def test_summary_prints_per_stage_table(capsys):
     assert total.split()[1:] == ["2.44B", "2538.53B"]
 
 
-def test_summary_cli_help_and_errors():
-    run = [sys.executable, "-m", "pretrain.model.summary"]
-    help_text = subprocess.run([*run, "--help"], capture_output=True, text=True, check=True).stdout
+def test_summary_cli_help_and_errors(capsys):
+    run = [sys.executable, "-m", "pretrain.model.summary", "--help"]
+    help_text = subprocess.run(run, capture_output=True, text=True, check=True).stdout
     assert "summary" in help_text and "list" in help_text
-    bad = subprocess.run(
-        [*run, "summary", "coatnet_0", "--image-size", "200"], capture_output=True, text=True
-    )
-    assert bad.returncode == 2 and "'image_size' 200" in bad.stderr
-    unknown = subprocess.run([*run, "summary", "coatnet_9"], capture_output=True, text=True)
-    assert unknown.returncode == 2 and "coatnet_9" in unknown.stderr
+    assert summary_main(["summary", "coatnet_0", "--image-size", "200"]) == 2
+    assert "'image_size' 200" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        summary_main(["summary", "coatnet_9"])
+    assert exit_info.value.code == 2 and "coatnet_9" in capsys.readouterr().err

@@ -105,24 +105,32 @@ class RelativeAttention(nn.Module):
         self.table_shape = table_shape(self.heads, grid)
         self.relative_position_bias_table = nn.Parameter(trunc_normal_(torch.empty(self.table_shape)))
         # Recomputable from the grid, so not saved in checkpoints.
-        self.register_buffer("relative_position_index", relative_position_index(grid), persistent=False)
+        self.register_buffer("relative_position_index", _padded_index(grid), persistent=False)
         self.register_load_state_dict_pre_hook(_resize_on_load)
 
     def init_non_persistent_buffers(self) -> None:
         """Recompute the index buffer (e.g. after ``to_empty`` from the meta device)."""
         device = self.relative_position_bias_table.device
-        self.relative_position_index = relative_position_index(self.grid, device=device)
+        self.relative_position_index = _padded_index(self.grid, device=device)
 
-    def relative_bias(self, grid: tuple[int, int]) -> torch.Tensor:
-        """(heads, N, N) additive logits bias for an H x W grid, N = H*W."""
+    def relative_bias(self, grid: tuple[int, int], dtype: torch.dtype | None = None) -> torch.Tensor:
+        """(heads, N, N) additive logits bias for an H x W grid, N = H*W, in ``dtype``.
+
+        The result is a view whose rows are padded to a multiple of 8 elements: CUDA's memory-efficient
+        SDPA kernel needs that alignment and would otherwise pad (copy) the bias on every call.
+        """
         table = self.relative_position_bias_table
         if grid == self.grid:
             index = self.relative_position_index
         else:
             table = interpolate_table(table, (2 * grid[0] - 1, 2 * grid[1] - 1))
-            index = relative_position_index(grid, device=table.device)
+            index = _padded_index(grid, device=table.device)
         n = grid[0] * grid[1]
-        return table.flatten(1).index_select(1, index.view(-1)).view(self.heads, n, n)
+        # Cast the small table, not the (heads, N, N) bias: one cast of a few KB, and the gather then
+        # writes the aligned bias directly in the compute dtype.
+        table = table.to(dtype or table.dtype)
+        bias = table.flatten(1).index_select(1, index.view(-1)).view(self.heads, n, index.shape[1])
+        return bias[..., :n]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
@@ -131,10 +139,17 @@ class RelativeAttention(nn.Module):
         qkv = self.qkv(x.reshape(b, n, -1)).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         # SDPA wants the float mask in the query dtype (bf16 under autocast); it broadcasts over B.
-        bias = self.relative_bias((h, w)).to(q.dtype)
+        bias = self.relative_bias((h, w), q.dtype)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, heads, N, head_dim)
         out = out.transpose(1, 2).reshape(b, h, w, self.heads * self.head_dim)
         return self.proj(out)
+
+
+def _padded_index(grid: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
+    """(N, N_pad) table index, N_pad = N rounded up to a multiple of 8; padding columns read entry 0."""
+    index = relative_position_index(grid, device=device)
+    n = index.shape[0]
+    return F.pad(index, (0, -n % 8))
 
 
 def _resize_on_load(

@@ -98,6 +98,9 @@ class CoAtNet(nn.Module):
 
     ``forward_features`` returns the last stage's (B, H/32, W/32, D) token map; ``forward_head`` pools
     and classifies it. Input: (B, C, H, W) with H and W divisible by the total stride.
+
+    The convolutional stages use plain ``nn.BatchNorm2d`` as in the paper: each data-parallel rank keeps
+    its own running statistics (not synchronised), so an export must make them consistent.
     """
 
     def __init__(self, config: CoAtNetConfig) -> None:
