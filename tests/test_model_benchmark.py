@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,8 @@ def test_model_speed_benchmark_reports_every_configuration(tmp_path):
     cmd = [sys.executable, str(REPO / "benchmarks" / "model_speed.py"), "--image-size", "64"]
     cmd += ["--batch-size", "2", "--steps", "1", "--matmul-seconds", "0.1", "--dtypes", "bf16"]
     cmd += ["--overrides", tiny, "--json", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # a tiny model: see test_model.py's _single_thread
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "img/s" in proc.stdout and "ratio" in proc.stdout
     rows = json.loads(out.read_text())

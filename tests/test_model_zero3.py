@@ -120,6 +120,7 @@ def test_model_under_zero3_init_and_engine(tmp_path):
         **os.environ,
         "PYTHONPATH": str(REPO),
         "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",  # a small model; two spin-waiting threads crawl on a loaded machine
         "RANK": "0",
         "LOCAL_RANK": "0",
         "WORLD_SIZE": "1",
