@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(
         f"{args.model} at {args.image_size}, batch {args.batch_size}, forward+backward, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}"
+        f"{torch.get_num_threads()} threads, torch {torch.__version__}, "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
     )
     print(HEADER, flush=True)
     results = run_all(args)
