@@ -20,6 +20,25 @@ rename and the LATEST rename leaves a committed checkpoint that resume finds.
 Resume: the newest folder whose manifest exists and whose files all have the recorded sizes; `verify`
 recomputes the checksums too (each rank hashes a share; all must agree).
 
+Resume at another world size (the manifest's world_size differs from the run's): rank 0 converts the tag
+with DeepSpeed's `ds_to_universal` (once; kept next to the tag until it is pruned) and every rank loads
+it with `load_universal`. What carries over, and how exactly (tests/test_checkpoint_resume.py):
+- fp32 master weights, Adam moments and step, LR schedule position, step/sample counters: exactly (the
+  conversion regroups the fp32 shards without rounding; the resume canary must match).
+- BatchNorm running statistics: they are averaged over ranks before every save and restored on every
+  new rank from the client state (a universal load restores parameters only).
+- Data position, at sample granularity: the sample order is a pure function of (seed, epoch), whatever
+  the world size, and the saved global cursor (samples of the epoch consumed, a multiple of the global
+  batch) is where the new ranks start; the rest of the epoch is read once, nothing repeated or skipped.
+  With `engine.global_batch_size` set, each optimizer step gets the same samples as it would have at
+  the old world size. Not carried: augmentation randomness (reseeded from (seed, epoch, cursor, rank))
+  and torch/numpy/python RNG (reseeded from (seed, step, rank)), so the run is not bitwise identical.
+- The loss: the first resumed step matches the old world size's to float precision; afterwards the
+  gradient reduction order differs and bf16 rounding makes trajectories drift apart slowly (measured
+  <1e-3 per step over the first 8 steps on the smoke model).
+Conversion runs on rank 0 while the others wait in a collective: for the largest models make sure
+`engine.timeout_minutes` covers it.
+
 Fault injection for tests: COATNET_CHECKPOINT_FAULT="<point>:<rank>" makes that rank SIGKILL itself
 at that point of its first save (points: FAULT_POINTS). Only a test sets it; it stands for a node dying.
 """

@@ -1,0 +1,149 @@
+"""Checkpoint save/load GB/s against a plain sequential write/read of the same bytes on the same disk.
+
+One real ZeRO-3 engine (bf16, torch AdamW with its moments after one step, the trainer's own builders)
+saves through `CheckpointManager.save` (DeepSpeed's per-rank files + sha256 of every file + manifest
+commit) and loads through `engine.load_checkpoint`. The baseline writes each rank's share of the same
+number of bytes as one file in 64 MiB blocks and reads it back. Neither side fsyncs its data files
+(torch.save does not; the manager fsyncs only the manifest and the folder), so both measure what the
+filesystem accepts; a `+fsync` row shows the cost of forcing the plain file to the device. Reads come
+from the page cache when the machine has the memory for it (said in the output).
+
+Usage: python benchmarks/checkpoint_speed.py [--model coatnet_1] [--image-size 224] [--dir DIR] [--repeat 3]
+   or: torchrun --nproc_per_node 2 benchmarks/checkpoint_speed.py ...   (every rank writes its share)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pretrain import dist
+from pretrain.checkpoint import CheckpointManager, tag_for
+from pretrain.config import CheckpointConfig, EngineConfig, ModelConfig, OptimConfig
+from pretrain.ds_config import deepspeed_config
+from pretrain.engine import build_engine, build_model, full_parameter_count
+from pretrain.optim import build_optimizer
+
+BLOCK = 64 << 20
+_DATA = os.urandom(BLOCK)  # incompressible, like trained weights; made once, outside every timing
+
+
+def build(model_name: str, image_size: int, info: dist.RankInfo):
+    """A ZeRO-3 engine whose optimizer holds fp32 master weights and both Adam moments (one step taken)."""
+    engine_cfg, optim_cfg = EngineConfig(global_batch_size=None), OptimConfig()
+    ds_config = deepspeed_config(engine_cfg, optim_cfg, micro_batch=1, world_size=info.world_size)
+    model = build_model(
+        ModelConfig(name=model_name, image_size=image_size), num_classes=1000, ds_config=ds_config
+    )
+    engine = build_engine(model, build_optimizer(model, optim_cfg), None, ds_config)
+    images = torch.randn(1, 3, image_size, image_size, dtype=torch.bfloat16)
+    loss = engine(images).float().logsumexp(-1).mean()
+    engine.backward(loss)
+    engine.step()
+    return engine, full_parameter_count(model)
+
+
+def folder_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def timed(fn) -> float:
+    """Seconds `fn` takes on the slowest rank (barriers on both sides)."""
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    dist.barrier()
+    return time.perf_counter() - start
+
+
+def plain_write(path: Path, nbytes: int, fsync: bool) -> None:
+    view = memoryview(_DATA)
+    with open(path, "wb") as fh:
+        left = nbytes
+        while left > 0:
+            fh.write(view[: min(BLOCK, left)])
+            left -= BLOCK
+        if fsync:
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def plain_read(path: Path) -> None:
+    with open(path, "rb", buffering=0) as fh:
+        buf = bytearray(BLOCK)
+        while fh.readinto(buf):
+            pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="coatnet_1")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--dir", type=Path, default=None, help="where to write (default: a temporary folder)")
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+
+    info = dist.detect()
+    if info.launcher == "single":
+        with socket.socket() as s:  # a free port for the one-process group
+            s.bind(("127.0.0.1", 0))
+            os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
+    dist.init_distributed(info, timeout_minutes=30)
+    root = args.dir or Path(tempfile.mkdtemp(prefix="ckpt-bench-"))
+    root = Path(dist.broadcast_object(str(root)))
+    engine, params = build(args.model, args.image_size, info)
+    manager = CheckpointManager(CheckpointConfig(keep_last=1), root / "managed", info)
+
+    rows: dict[str, list[float]] = {k: [] for k in ("deepspeed", "managed", "load", "write", "fsync", "read")}
+    total = 0
+    for i in range(args.repeat):
+        raw = root / "raw"
+        rows["deepspeed"].append(
+            timed(lambda: engine.save_checkpoint(str(raw), tag=tag_for(i), save_latest=False))  # noqa: B023
+        )
+        rows["managed"].append(timed(lambda: manager.save(engine, i + 1, {}, meta={})))  # noqa: B023
+        rows["load"].append(timed(lambda: engine.load_checkpoint(str(raw), tag=tag_for(i))))  # noqa: B023
+        total = folder_bytes(raw / tag_for(i))
+        mine = total // info.world_size  # every rank writes its share, as DeepSpeed's ranks do
+        plain = root / f"plain.rank{info.rank}"
+        rows["write"].append(timed(lambda: plain_write(plain, mine, fsync=False)))  # noqa: B023
+        rows["fsync"].append(timed(lambda: plain_write(plain, mine, fsync=True)))  # noqa: B023
+        rows["read"].append(timed(lambda: plain_read(plain)))  # noqa: B023
+        if info.is_main:
+            shutil.rmtree(raw / tag_for(i))
+        dist.barrier()
+
+    if info.is_main:
+        gb = total / 1e9
+        rate = {k: gb / statistics.median(v) for k, v in rows.items()}
+        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+        print(
+            f"{args.model} @ {args.image_size}: {params / 1e6:.1f}M parameters, {info.world_size} rank(s), "
+            f"checkpoint {gb:.2f} GB in {root} ({mem:.0f} GB RAM: reads likely from the page cache); "
+            f"median of {args.repeat}"
+        )
+        print(f"  save (DeepSpeed files only)          {rate['deepspeed']:6.2f} GB/s")
+        print(f"  save (+ sha256, manifest, commit)    {rate['managed']:6.2f} GB/s")
+        print(f"  load (engine.load_checkpoint)        {rate['load']:6.2f} GB/s")
+        print(f"  plain sequential write               {rate['write']:6.2f} GB/s")
+        print(f"  plain sequential write + fsync       {rate['fsync']:6.2f} GB/s")
+        print(f"  plain sequential read                {rate['read']:6.2f} GB/s")
+        print(
+            f"  ratio save/plain write: DeepSpeed {rate['deepspeed'] / rate['write']:.2f}, "
+            f"committed {rate['managed'] / rate['write']:.2f}; load/plain read {rate['load'] / rate['read']:.2f}"
+        )
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    dist.destroy()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Checkpoints under real training: exact resume, SIGKILL inside a save, resume at another world size.
+
+Every run is the real `pretrain.train` on configs/smoke.yaml (tiny CoAtNet-0, ZeRO-3, bf16, activation
+checkpointing) over the digits shards, launched by torchrun (2 ranks) or as a plain process (1 rank).
+All runs share one schedule (STEPS steps, a checkpoint every K) and one global batch (64: 2 ranks x 32,
+or 1 rank x 32 x 2 accumulation steps), with deterministic crops, so that any two runs see the same
+samples at the same step and their per-step losses can be compared. A run is stopped at step K the way
+Slurm stops it: the stop file (COATNET_STOP_FILE) exists, the ranks agree at step 10 and save.
+
+Runs are cached per pytest session (`run_once`) so that test_export.py can reuse the reference run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrain.checkpoint import MANIFEST, POINTER, tag_for
+from pretrain.export import consolidated_state_dict
+from tests.fixtures.mlflow_server import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+SMOKE = REPO / "configs" / "smoke.yaml"
+STEPS, K = 30, 10
+EXIT_REQUEUE = 3
+COMMON = (
+    f"schedule.steps={STEPS}",
+    f"checkpoint.every_steps={K}",
+    "run.log_every=1",
+    "engine.global_batch_size=64",
+    "data.scale=[1.0,1.0]",  # the whole image: crops do not depend on the (per-rank) augmentation seed
+    "data.ratio=[1.0,1.0]",
+    "tracking.enabled=false",
+    "checkpoint.canary_tolerance=0.0",  # the canary batch must give the saved loss exactly, also via universal
+)
+# Another world size: the same samples and weights at the first resumed step, then gradients summed in
+# another order (all-reduce over 2 ranks vs 2 accumulation steps) and rounded to bf16 weights. Measured
+# here: the per-step loss difference stays below 1e-3 for ~8 steps, then grows as bf16 rounding flips
+# weights (to 0.01-0.04 by 20 steps). Per-step losses move by ~0.05 from batch to batch, so a wrong
+# model, optimizer state, schedule or data position shows up far above the early tolerance.
+EARLY_STEPS, EARLY_TOL = 8, 5e-3
+LATE_MAX, LATE_MEAN = 0.1, 0.02
+
+_RUNS: dict[str, object] = {}
+
+
+def run_once(name: str, make: Callable[[], object]) -> object:
+    """`make()` the first time `name` is asked for in this pytest session; the cached result afterwards."""
+    if name not in _RUNS:
+        _RUNS[name] = make()
+    return _RUNS[name]
+
+
+def train(
+    nproc: int, run_dir: Path, shards: Path, *overrides: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """pretrain.train on the smoke config with COMMON + overrides: torchrun for 2 ranks, a plain process for 1."""
+    port = str(free_port())
+    if nproc == 1:
+        prefix = [sys.executable, "-m"]
+    else:
+        prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
+        prefix += ["--master_port", port, "-m"]
+    args = [
+        "pretrain.train",
+        "--config",
+        str(SMOKE),
+        f"data.train={shards / 'train'}",
+        f"data.val={shards / 'val'}",
+        f"run.output_dir={run_dir.parent}",
+        f"run.name={run_dir.name}",
+        *COMMON,
+        *overrides,
+    ]
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_PORT": port, **(env or {})}
+    full_env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(
+        [*prefix, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600
+    )
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss from rank 0's metrics.jsonl (the last line of a step, when a killed run logged it too)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if "loss" in entry:
+            out[entry["step"]] = entry["loss"]
+    return out
+
+
+def rank0_log(run_dir: Path) -> str:
+    return (run_dir / "logs" / "rank0.log").read_text()
+
+
+def tail(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def assert_stopped_for_requeue(proc: subprocess.CompletedProcess, run_dir: Path) -> None:
+    """The ranks stopped at step K and saved. Every rank exits with EXIT_REQUEUE; torchrun reports any
+    non-zero worker status as 1 (and terminates the other worker), a plain process passes it through."""
+    assert proc.returncode in (EXIT_REQUEUE, 1), tail(proc)
+    assert f"stop requested: checkpoint at step {K} saved" in rank0_log(run_dir), tail(proc)
+    assert (run_dir / "checkpoints" / tag_for(K) / MANIFEST).exists()
+    assert sorted(losses(run_dir)) == list(range(1, K + 1))
+
+
+def seeded_run_dir(root: Path, name: str, snapshot: Path) -> Path:
+    """A fresh run folder whose checkpoint folder holds a copy of the committed checkpoint `snapshot`."""
+    run_dir = root / name
+    shutil.copytree(snapshot, run_dir / "checkpoints" / snapshot.name)
+    (run_dir / "checkpoints" / POINTER).write_text(snapshot.name + "\n")
+    return run_dir
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def reference_run(factory: pytest.TempPathFactory, shards: Path) -> Path:
+    """2 ranks, STEPS steps without interruption (checkpoints at every K-th step)."""
+
+    def make() -> Path:
+        run_dir = factory.mktemp("ckpt-runs") / "reference"
+        proc = train(2, run_dir, shards)
+        assert proc.returncode == 0, tail(proc)
+        return run_dir
+
+    return run_once("reference", make)  # type: ignore[return-value]
+
+
+def interrupted_run(factory: pytest.TempPathFactory, shards: Path) -> tuple[Path, Path]:
+    """2 ranks stopped at step K by the stop file, then resumed to STEPS. Returns (run, copy of step K)."""
+
+    def make() -> tuple[Path, Path]:
+        root = factory.mktemp("ckpt-runs")
+        run_dir, stop = root / "interrupted", root / "stop"
+        stop.touch()
+        proc = train(2, run_dir, shards, env={"COATNET_STOP_FILE": str(stop)})
+        assert_stopped_for_requeue(proc, run_dir)
+        snapshot = root / "snapshot" / tag_for(K)
+        shutil.copytree(run_dir / "checkpoints" / tag_for(K), snapshot)
+        stop.unlink()
+        proc = train(2, run_dir, shards, env={"COATNET_STOP_FILE": str(stop)})
+        assert proc.returncode == 0, tail(proc)
+        return run_dir, snapshot
+
+    return run_once("interrupted", make)  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------------ tests
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_ranks_stopped_and_resumed_match_an_uninterrupted_run_bitwise(
+    tmp_path_factory: pytest.TempPathFactory, digits_shards: Path
+) -> None:
+    reference = reference_run(tmp_path_factory, digits_shards)
+    resumed, _ = interrupted_run(tmp_path_factory, digits_shards)
+    assert f"resumed from {resumed / 'checkpoints' / tag_for(K)} at step {K}" in rank0_log(resumed)
+    expected = losses(reference)
+    assert sorted(expected) == list(range(1, STEPS + 1))
+    assert losses(resumed) == expected  # bitwise: float equality of every step's loss
+    final = tag_for(STEPS)
+    a = consolidated_state_dict(reference / "checkpoints" / final)
+    b = consolidated_state_dict(resumed / "checkpoints" / final)
+    assert a.keys() == b.keys()
+    unequal = [name for name in a if not torch.equal(a[name], b[name])]
+    assert not unequal, f"final weights differ: {unequal[:5]}"
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_sigkill_inside_a_save_resumes_from_the_previous_committed_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory, digits_shards: Path, tmp_path: Path
+) -> None:
+    reference = reference_run(tmp_path_factory, digits_shards)
+    _, snapshot = interrupted_run(tmp_path_factory, digits_shards)
+    run_dir = seeded_run_dir(tmp_path, "killed", snapshot)
+    ckpts = run_dir / "checkpoints"
+    partial = ckpts / tag_for(2 * K)
+    # The save of step 2K is cut short at each point before its commit in turn; every restart must
+    # resume from step K (never from the partial folder) and redo steps K+1..2K identically.
+    for point in ("written:1", "hashed:1", "manifest_tmp:0"):
+        proc = train(2, run_dir, digits_shards, env={"COATNET_CHECKPOINT_FAULT": point})
+        assert proc.returncode != 0, f"{point}: the run was not killed\n{tail(proc)}"
+        log = rank0_log(run_dir)
+        assert f"resumed from {ckpts / tag_for(K)} at step {K}" in log.split("run folder")[-1], point
+        assert partial.is_dir() and not (partial / MANIFEST).exists(), point
+        assert (ckpts / POINTER).read_text().strip() == tag_for(K), point
+        assert {s: losses(run_dir)[s] for s in range(K + 1, 2 * K + 1)} == {
+            s: losses(reference)[s] for s in range(K + 1, 2 * K + 1)
+        }, point
+    assert "ignoring incomplete checkpoint" in rank0_log(run_dir)
+    assert list(partial.glob(".MANIFEST.json.tmp*")), "the last kill left its unrenamed manifest"
+
+    # Killed right after the manifest's rename: that checkpoint is committed (LATEST is stale) and used.
+    proc = train(2, run_dir, digits_shards, env={"COATNET_CHECKPOINT_FAULT": "committed:0"})
+    assert proc.returncode != 0, tail(proc)
+    assert (partial / MANIFEST).exists() and (ckpts / POINTER).read_text().strip() == tag_for(K)
+
+    proc = train(2, run_dir, digits_shards)
+    assert proc.returncode == 0, tail(proc)
+    assert f"resumed from {partial} at step {2 * K}" in rank0_log(run_dir).split("run folder")[-1]
+    got, expected = losses(run_dir), losses(reference)
+    assert {s: got[s] for s in range(K + 1, STEPS + 1)} == {s: expected[s] for s in range(K + 1, STEPS + 1)}
+
+
+def assert_close_trajectory(got: dict[int, float], expected: dict[int, float], steps: range) -> None:
+    """Tight over the first EARLY_STEPS steps, loose (same level, small mean) over the rest."""
+    diffs = {s: abs(got[s] - expected[s]) for s in steps}
+    shown = {s: f"{d:.1e}" for s, d in diffs.items()}
+    assert max(diffs[s] for s in steps[:EARLY_STEPS]) < EARLY_TOL, shown
+    assert max(diffs.values()) < LATE_MAX and sum(diffs.values()) / len(diffs) < LATE_MEAN, shown
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_two_ranks_to_one_through_the_universal_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory, digits_shards: Path, tmp_path: Path
+) -> None:
+    reference = reference_run(tmp_path_factory, digits_shards)
+    _, snapshot = interrupted_run(tmp_path_factory, digits_shards)
+
+    other_model = seeded_run_dir(tmp_path, "other-model", snapshot)
+    proc = train(1, other_model, digits_shards, "model.dims=[16,16,32,64,64]")
+    assert proc.returncode != 0
+    assert "was saved with another model/seed/batch config" in proc.stderr, tail(proc)
+    assert "'dims': [16, 16, 32, 64, 128]" in proc.stderr  # names what the checkpoint holds
+
+    run_dir = seeded_run_dir(tmp_path, "two-to-one", snapshot)
+    proc = train(1, run_dir, digits_shards)
+    assert proc.returncode == 0, tail(proc)
+    universal = run_dir / "checkpoints" / (tag_for(K) + "_universal")
+    assert f"checkpoint of 2 rank(s) loaded into 1 through {universal}" in rank0_log(run_dir)
+    assert universal.is_dir()
+    got, expected = losses(run_dir), losses(reference)
+    assert sorted(got) == list(range(K + 1, STEPS + 1))
+    assert_close_trajectory(got, expected, range(K + 1, STEPS + 1))
+    assert got != {s: expected[s] for s in got}  # another world size really ran (not bitwise)
+    # The data position carried over: the first resumed step has seen (K + 1) x 64 samples, not 64.
+    manifest = json.loads((digits_shards / "train" / "manifest.json").read_text())
+    per_epoch = sum(shard["samples"] for shard in manifest["shards"])
+    first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["step"] == K + 1 and first["epoch"] == pytest.approx((K + 1) * 64 / per_epoch)
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_one_rank_to_two_through_the_universal_checkpoint(
+    tmp_path_factory: pytest.TempPathFactory, digits_shards: Path, tmp_path: Path
+) -> None:
+    reference = reference_run(tmp_path_factory, digits_shards)
+    run_dir, stop = tmp_path / "one-to-two", tmp_path / "stop"
+    stop.touch()
+    proc = train(1, run_dir, digits_shards, env={"COATNET_STOP_FILE": str(stop)})
+    assert_stopped_for_requeue(proc, run_dir)
+    expected = losses(reference)
+    assert_close_trajectory(losses(run_dir), expected, range(1, K + 1))  # same samples at 1 rank
+    stop.unlink()
+    proc = train(2, run_dir, digits_shards)
+    assert proc.returncode == 0, tail(proc)
+    assert "checkpoint of 1 rank(s) loaded into 2 through" in rank0_log(run_dir)
+    assert_close_trajectory(losses(run_dir), expected, range(K + 1, STEPS + 1))
