@@ -9,8 +9,8 @@ digits shards, MLflow in the run folder's sqlite store. Three jobs:
 - a node's slurmd killed mid-run: Slurm requeues the job, which resumes from the last committed checkpoint,
   redoes the lost steps with the same losses as the first time, and finishes with the reference's losses.
 
-The loss windows line up across a restart because the trainer stops only at multiples of the preemption
-check interval (10 steps) and checkpoints every 10 steps, both multiples of the logging interval.
+The loss windows line up across a restart because the trainer stops only at multiples of its preemption
+check interval (10 steps) and checkpoints every 20 steps, both multiples of the logging interval (5).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ SMOKE = REPO_ROOT / "configs" / "smoke.yaml"
 # Local nodes have 2 CPUs and no GPUs: override the header's production sizes on the command line.
 LOCAL = ["--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=20"]
 STEPS = 100
-CKPT_EVERY = 10  # == the trainer's preemption check interval: both restart points are checkpoint steps
+CKPT_EVERY = 20  # a multiple of LOG_EVERY; wide enough that a node can be killed between two checkpoints
 LOG_EVERY = 5
 EXPERIMENT = "slurm-e2e"
 # Slow phases on 2 shared cores: starting a job (imports, process group, DALI, zero.Init) took 15-120 s.
@@ -66,7 +66,7 @@ class TrainingJob:
 
     def log(self) -> str:
         path = self.root / "job.out"
-        return path.read_text(errors="replace")[-6000:] if path.exists() else "(no job log yet)"
+        return path.read_text(errors="replace") if path.exists() else "(no job log yet)"
 
     def events(self) -> list[Event]:
         return EventLog(self.run_dir / "events.log").read()
@@ -110,7 +110,7 @@ class TrainingJob:
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"job {self.job_id}: {what} not seen after {timeout_s} s; "
-                    f"state {self.slurm.job(self.job_id).get('JobState')}; log:\n{self.log()}"
+                    f"state {self.slurm.job(self.job_id).get('JobState')}; log:\n{self.log()[-6000:]}"
                 )
             time.sleep(0.2)
 
@@ -119,7 +119,7 @@ class TrainingJob:
 
     def wait_finished(self) -> dict[str, str]:
         fields = self.slurm.wait_finished(self.job_id, timeout_s=START_S + FINISH_S)
-        assert fields["JobState"] == "COMPLETED", (fields, self.log())
+        assert fields["JobState"] == "COMPLETED", (fields, self.log()[-6000:])
         return fields
 
 
@@ -157,12 +157,13 @@ def wait_for_tracked_checkpoint(job: TrainingJob) -> int:
 
     The tracker creates the MLflow run on a background thread, and the trainer stores whatever run id
     is known when it saves: a checkpoint saved before the run exists would start a second run on resume
-    (a trainer race, reported separately). Rank 0 logs "MLflow: run <id>" once the id is set; a checkpoint
-    at least two log intervals later was started after that line.
+    (a trainer race, reported separately). Rank 0 logs "MLflow: run <id>" once the id is set. The trainer
+    saves after logging the step's metrics, so a checkpoint at a step not yet logged when that line was
+    seen started after it.
     """
     job.wait_for(lambda: "MLflow: run " in job.log(), START_S, "the MLflow run")
     logged = max((m["step"] for m in job.metric_lines()), default=0)
-    target = (logged + LOG_EVERY) // CKPT_EVERY * CKPT_EVERY + CKPT_EVERY
+    target = -(-(logged + LOG_EVERY) // CKPT_EVERY) * CKPT_EVERY  # first checkpoint step after `logged`
     assert target < STEPS - 2 * CKPT_EVERY, f"training too far ({logged} of {STEPS} steps) to interrupt it"
     job.wait_for(lambda: job.committed_step() >= target, FINISH_S, f"a checkpoint at step >= {target}")
     return job.committed_step()
