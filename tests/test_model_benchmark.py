@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from pretrain.model import count_macs, create_model
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -23,7 +25,11 @@ def test_model_speed_benchmark_reports_every_configuration(tmp_path):
     assert "img/s" in proc.stdout and "ratio" in proc.stdout
     rows = json.loads(out.read_text())
     assert [(r["dtype"], r["checkpointing"]) for r in rows] == [("bf16", False), ("bf16", True)]
+    # Training FLOPs per image are 6x the MACs (forward 2x, backward twice the forward); torch's own
+    # backward count would be far higher, as it ignores the groups of depthwise convs.
+    macs = count_macs(create_model("coatnet_0", image_size=64, **json.loads(tiny))).macs
     for r in rows:
+        assert abs(r["gflops"] * 1e9 / r["images_per_s"] / (6 * macs) - 1) < 1e-6
         assert r["images_per_s"] > 0 and r["gflops"] > 0 and r["matmul_gflops"] > 0
         assert 0 < r["ratio_to_matmul"] < 1.5
         assert r["peak_rss_mib"] > r["rss_growth_mib"] >= 0
