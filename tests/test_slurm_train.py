@@ -140,13 +140,7 @@ def submit_training(slurm: LocalSlurm, env: dict[str, str], root: Path, shards: 
         f"checkpoint.every_steps={CKPT_EVERY}",
         f"tracking.uri={tracking_uri(train_dir)}",  # explicit: an MLFLOW_TRACKING_URI in the env must not win
         f"tracking.experiment={EXPERIMENT}",
-        # WORKAROUND: keep tensors of <= 64 elements whole. Weights (>= 256 elements) are still sharded
-        # over both ranks. With 0 (smoke.yaml) resume fails in the model's relative-bias load hook: under
-        # ZeRO-3 the saved module state holds (0,)-shaped placeholders for partitioned parameters, and
-        # pretrain/model/blocks.py `_resize_on_load` tries to resize them (ValueError "from (0,) to
-        # (4, 3, 3)"). Drop this line once the hook skips empty tensors.
-        "engine.param_persistence_threshold=64",
-    ]
+    ]  # smoke.yaml's engine.param_persistence_threshold=0: every parameter is really sharded
     job_env = {**env, "RUN_DIR": str(root / "slurm")}
     args = [*LOCAL, f"--output={root}/job.out", f"--chdir={REPO_ROOT}", str(SBATCH), str(SMOKE)]
     return TrainingJob(slurm, slurm.sbatch(*args, *overrides, env=job_env), root)
