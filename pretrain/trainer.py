@@ -33,6 +33,7 @@ from pretrain.checkpoint import (
     Committed,
     average_batchnorm_stats,
     batchnorm_state,
+    canary_loss,
     load_batchnorm_state,
     read_manifest,
 )
@@ -420,12 +421,16 @@ class Trainer:
         log.info("resumed from %s at step %d (epoch %.2f)", ckpt.path, self.state.step, self._epoch())
 
     def _canary_loss(self, canary: dict) -> float:
-        """Loss of the canary batch in eval mode (deterministic, touches no RNG and no BN statistics)."""
+        """Canary loss in eval mode (deterministic, touches no RNG and no BN statistics); collective.
+
+        A fixed criterion (`canary_loss`), not the configured loss: a resumed run may change e.g. label
+        smoothing, and the canary is about the model reproducing, not about the objective.
+        """
         self.engine.eval()
         try:
             with torch.no_grad():
-                images = canary["images"].to(self.device)
-                loss = self.loss_fn(self.engine(images), canary["targets"].to(self.device))
+                logits = self.engine(canary["images"].to(self.device))
+                loss = canary_loss(logits, canary["targets"].to(self.device), self.train_loader.label_kind)
         finally:
             self.engine.train()
         return loss.item()

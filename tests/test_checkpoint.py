@@ -22,6 +22,7 @@ from pretrain.checkpoint import (
     CheckpointManager,
     Committed,
     _fault_point,
+    _owner_rank,
     batchnorm_state,
     load_batchnorm_state,
     read_manifest,
@@ -173,3 +174,27 @@ def test_batchnorm_state_round_trip() -> None:
     with pytest.raises(ValueError, match="do not exist in this model"):
         load_batchnorm_state(fresh, {"nowhere.running_mean": torch.zeros(1)})
     json.dumps({k: v.tolist() for k, v in saved.items()})  # plain tensors, nothing model-specific
+
+
+def test_each_rank_seals_the_files_it_wrote() -> None:
+    # Sorting by name would interleave ranks 1, 10, 11, 2, ...: ownership comes from the name itself.
+    assert _owner_rank("bf16_zero_pp_rank_12_mp_rank_00_optim_states.pt") == 12
+    assert _owner_rank("zero_pp_rank_3_mp_rank_00_model_states.pt") == 3
+    assert _owner_rank("mp_rank_00_model_states.pt") == 0  # ZeRO-1/2: written by rank 0
+
+
+def test_file_digest_is_a_crc32_over_chunk_crc32s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import zlib
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pretrain.checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt, "HASH_CHUNK", 1000)
+    data = os.urandom(2500)
+    (tmp_path / "f").write_bytes(data)
+    (tmp_path / "empty").write_bytes(b"")
+    crcs = b"".join(zlib.crc32(data[i : i + 1000]).to_bytes(4, "big") for i in (0, 1000, 2000))
+    with ThreadPoolExecutor(2) as pool:
+        assert ckpt.file_digest(tmp_path / "f", pool) == f"{zlib.crc32(crcs):08x}"
+    assert ckpt.file_digest(tmp_path / "f") == f"{zlib.crc32(crcs):08x}"
+    assert ckpt.file_digest(tmp_path / "empty") == f"{zlib.crc32(zlib.crc32(b'').to_bytes(4, 'big')):08x}"

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pretrain.checkpoint import MANIFEST, POINTER, tag_for
+from pretrain.checkpoint import HASH_KEY, MANIFEST, POINTER, file_digest, read_manifest, tag_for
 from pretrain.export import consolidated_state_dict
 from tests.fixtures.mlflow_server import free_port
 
@@ -271,3 +271,26 @@ def test_one_rank_to_two_through_the_universal_checkpoint(
     assert proc.returncode == 0, tail(proc)
     assert "checkpoint of 1 rank(s) loaded into 2 through" in rank0_log(run_dir)
     assert_close_trajectory(losses(run_dir), expected, range(K + 1, STEPS + 1))
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_resume_canary_refuses_a_checkpoint_that_does_not_reproduce_its_model(
+    tmp_path_factory: pytest.TempPathFactory, digits_shards: Path, tmp_path: Path
+) -> None:
+    _, snapshot = interrupted_run(tmp_path_factory, digits_shards)
+    run_dir = seeded_run_dir(tmp_path, "canary", snapshot)
+    tag = run_dir / "checkpoints" / tag_for(K)
+    # Stands for a writer bug: the canary loss recorded at save disagrees with the saved weights, while
+    # every file matches the manifest (sizes and digests rewritten), so only the canary can notice.
+    manifest = read_manifest(tag)
+    for path in tag.glob("zero_pp_rank_*_model_states.pt"):
+        state = torch.load(path, weights_only=False)
+        state["trainer"]["shared"]["canary"]["loss"] += 0.01
+        torch.save(state, path)
+        manifest["files"][path.name] = {"bytes": path.stat().st_size, HASH_KEY: file_digest(path)}
+    (tag / MANIFEST).write_text(json.dumps(manifest))
+    proc = train(2, run_dir, digits_shards)
+    assert proc.returncode != 0
+    assert "resume canary failed" in proc.stderr and "moved by 0.01" in proc.stderr, tail(proc)
+    assert not (run_dir / "checkpoints" / tag_for(K + 10)).exists()  # no step was trained

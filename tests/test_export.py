@@ -106,9 +106,11 @@ def test_export_gives_a_plain_model_the_zero3_models_logits(
             fp32 = model(images.float())
             bf16 = bf16_model(images).float()
             scale = zero3.abs().max().item()
-            # Same weights and inputs; the ZeRO-3 model computes in bf16 (8-bit mantissa: ~0.4% relative).
-            assert (bf16 - zero3).abs().max().item() <= 0.02 * scale, (bf16 - zero3).abs().max()
-            assert (fp32 - zero3).abs().max().item() <= 0.03 * scale, (fp32 - zero3).abs().max()
+            # Same weights and inputs; the ZeRO-3 model computes in bf16 (8-bit mantissa): measured one
+            # bf16 ulp (0.5% of the largest logit) against both plain models.
+            assert (bf16 - zero3).abs().max().item() <= 0.01 * scale, (bf16 - zero3).abs().max()
+            assert (fp32 - zero3).abs().max().item() <= 0.01 * scale, (fp32 - zero3).abs().max()
+            assert torch.equal(fp32.argmax(-1), zero3.argmax(-1))
 
 
 @pytest.mark.slow
