@@ -185,6 +185,9 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------ save
 
+    def is_committed(self, step: int) -> bool:
+        return (self.root / tag_for(step) / MANIFEST).exists()
+
     def save(self, engine, step: int, client_state: dict, meta: dict | None = None) -> Path:
         """Write, hash, commit and prune. `meta` (JSON) goes into the manifest. Returns the committed folder."""
         tag = tag_for(step)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -91,7 +92,19 @@ def _export_env(info: RankInfo) -> None:
     if "MASTER_ADDR" not in os.environ:
         nodelist = os.environ.get("SLURM_STEP_NODELIST") or os.environ.get("SLURM_JOB_NODELIST")
         os.environ["MASTER_ADDR"] = _first_slurm_host(nodelist) if nodelist else "127.0.0.1"
-    os.environ.setdefault("MASTER_PORT", str(DEFAULT_MASTER_PORT))
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_default_port(info))
+
+
+def _default_port(info: RankInfo) -> int:
+    """A rendezvous port when no launcher chose one: any free port for a lone process (so that several
+    runs share a machine), one derived from the job id under `srun` (every rank must compute the same)."""
+    if info.world_size == 1:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    job = os.environ.get("SLURM_JOB_ID", "")
+    return DEFAULT_MASTER_PORT + int(job) % 10000 if job.isdigit() else DEFAULT_MASTER_PORT
 
 
 def _first_slurm_host(nodelist: str) -> str:

@@ -36,6 +36,9 @@ class NullTracker:
     ) -> None:
         pass
 
+    def wait_started(self, timeout_s: float) -> None:
+        pass
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         pass
 
@@ -72,6 +75,7 @@ class MlflowTracker:
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._failed = False
         self._dropped = 0
+        self._started = threading.Event()  # set once the run exists, or creating it failed
         self._thread = threading.Thread(target=self._work, name="mlflow-tracker", daemon=True)
         self._client = None
         self._thread.start()
@@ -82,6 +86,13 @@ class MlflowTracker:
         self, *, run_id: str | None, run_name: str, params: dict[str, Any], tags: dict[str, str]
     ) -> None:
         self._put(lambda: self._start(run_id, run_name, params, tags))
+
+    def wait_started(self, timeout_s: float) -> None:
+        """Wait (bounded) until the run exists, so that the first checkpoint already carries its id."""
+        if not self._started.wait(timeout_s):
+            log.warning(
+                "MLflow: no run after %.0f s; training goes on, tracking continues when it can", timeout_s
+            )
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         stamp = int(time.time() * 1000)
@@ -95,7 +106,7 @@ class MlflowTracker:
 
     def close(self, status: str = "FINISHED", wait_s: float = 30.0) -> None:
         """Flush what is queued (bounded wait), mark the run ended, stop the thread."""
-        self._put(lambda: self._client.set_terminated(self.run_id, status))
+        self._put(lambda: self.run_id and self._client.set_terminated(self.run_id, status))
         self._put(None)
         self._thread.join(timeout=wait_s)
         if self._thread.is_alive():
@@ -130,6 +141,7 @@ class MlflowTracker:
                 job()
             except Exception as exc:  # any failure of the tracking server must not reach training
                 self._failed = True
+                self._started.set()
                 log.warning(
                     "MLflow at %s failed (%s: %s); training goes on without tracking",
                     self.uri,
@@ -148,6 +160,7 @@ class MlflowTracker:
             for key, value in tags.items():
                 self._client.set_tag(run_id, key, value)
             log.info("MLflow: resumed run %s at %s", run_id, self.uri)
+            self._started.set()
             return
         exp = self._client.get_experiment_by_name(self._experiment)
         if exp is None:
@@ -160,6 +173,7 @@ class MlflowTracker:
         items = [Param(k, str(v)[:MAX_PARAM_LEN]) for k, v in params.items()]
         for i in range(0, len(items), 100):  # MLflow accepts at most 100 params per batch
             self._client.log_batch(self.run_id, params=items[i : i + 100])
+        self._started.set()
         log.info("MLflow: run %s at %s", self.run_id, self.uri)
 
     def _log_batch(self, metrics: dict[str, float], step: int, stamp: int) -> None:

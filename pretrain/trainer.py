@@ -327,6 +327,8 @@ class Trainer:
 
     def _save(self, step: int) -> None:
         """Commit a checkpoint of `step` (collective); the manifest carries what resume and export check."""
+        if self.checkpoints.is_committed(step):
+            return  # e.g. a stop request or the end right after a periodic save
         self.state.mlflow_run_id = self.tracker.run_id or self.state.mlflow_run_id
         t0 = time.perf_counter()
         module = self.engine.module
@@ -457,6 +459,7 @@ class Trainer:
             params=flatten(to_tree(self.cfg)),
             tags=tags,
         )
+        self.tracker.wait_started(self.cfg.tracking.timeout_s)
         if resumed is None:
             self.tracker.log_artifact(self.run_dir / "config.yaml")
 
