@@ -64,7 +64,7 @@ def assert_learned(run_dir: Path, proc: subprocess.CompletedProcess, min_top1: f
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     steps, evals = read_metrics(run_dir)
     first, last = steps[0]["loss"], steps[-1]["loss"]
-    assert last < 0.5 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    assert last < 0.7 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
     assert evals[-1]["eval/top1"] > min_top1, evals[-1]  # 10 classes: chance is 0.1
     return steps
 
