@@ -54,6 +54,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -122,8 +123,9 @@ def file_digest(path: Path, pool: ThreadPoolExecutor | None = None) -> str:
     return f"{zlib.crc32(b''.join(chunks)):08x}"
 
 
-def _hash_pool() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 1)))
+def _hash_pool(io_threads: int = 0) -> ThreadPoolExecutor:
+    """Threads for digesting (one per core, up to 8) plus `io_threads` that only wait on the device."""
+    return ThreadPoolExecutor(max_workers=max(2, min(8, os.cpu_count() or 1)) + io_threads)
 
 
 def _atomic_write(path: Path, text: str, before_rename: str | None = None, rank: int = 0) -> None:
@@ -182,6 +184,7 @@ class CheckpointManager:
         self.cfg = cfg
         self.root = root
         self.info = info
+        self.last_timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------------ save
 
@@ -189,7 +192,11 @@ class CheckpointManager:
         return (self.root / tag_for(step) / MANIFEST).exists()
 
     def save(self, engine, step: int, client_state: dict, meta: dict | None = None) -> Path:
-        """Write, hash, commit and prune. `meta` (JSON) goes into the manifest. Returns the committed folder."""
+        """Write, seal, commit and prune. `meta` (JSON) goes into the manifest. Returns the committed folder.
+
+        `last_timings` then holds this rank's seconds per phase: write (DeepSpeed's files, all ranks),
+        seal (fsync + digest of its own files), commit (gather, manifest, pointer, prune, final barrier).
+        """
         tag = tag_for(step)
         tag_dir = self.root / tag
         if self.info.is_main:
@@ -197,12 +204,16 @@ class CheckpointManager:
             if tag_dir.exists() and not (tag_dir / MANIFEST).exists():
                 shutil.rmtree(tag_dir)  # debris of a save that died: never mixed with fresh files
         dist.barrier()
+        self.last_timings = {}
         if (tag_dir / MANIFEST).exists():
             return tag_dir  # already committed at this step (e.g. a preemption right after a periodic save)
+        t0 = time.perf_counter()
         engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         _fault_point("written", self.info.rank)
+        t1 = time.perf_counter()
         entries = self._seal_share(tag_dir)
         _fault_point("hashed", self.info.rank)
+        t2 = time.perf_counter()
         gathered = dist.all_gather_object(entries)
         if self.info.is_main:
             _fsync_dir(tag_dir)  # the files' names are durable before the manifest that lists them
@@ -214,6 +225,7 @@ class CheckpointManager:
             _atomic_write(self.root / POINTER, tag + "\n")
             self._prune(keep=step)
         dist.barrier()
+        self.last_timings = {"write": t1 - t0, "seal": t2 - t1, "commit": time.perf_counter() - t2}
         return tag_dir
 
     def _seal_share(self, tag_dir: Path) -> dict[str, dict]:
@@ -225,7 +237,7 @@ class CheckpointManager:
         belong to no rank (none under ZeRO-3) go to rank 0.
         """
         mine = [p for p in _files_of(tag_dir) if _owner_rank(p.name) == self.info.rank]
-        with _hash_pool() as pool:
+        with _hash_pool(io_threads=len(mine)) as pool:  # fsyncs must not queue the digests behind them
             synced = [pool.submit(_fsync_file, p) for p in mine]
             entries = {
                 str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, HASH_KEY: file_digest(p, pool)}

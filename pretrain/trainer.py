@@ -345,7 +345,10 @@ class Trainer:
         }
         path = self.checkpoints.save(self.engine, step, self._client_state(), meta)
         self.events.record("checkpoint", step=step)
-        log.info("checkpoint %s committed in %.1f s", path, time.perf_counter() - t0)
+        phases = ", ".join(f"{k} {v:.1f} s" for k, v in self.checkpoints.last_timings.items())
+        log.info(
+            "checkpoint %s committed in %.1f s (%s)", path, time.perf_counter() - t0, phases or "already"
+        )
         self.tracker.log_metrics({"checkpoint_s": time.perf_counter() - t0}, step)
 
     def _resume(self) -> Committed | None:
