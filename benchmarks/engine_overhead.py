@@ -1,0 +1,368 @@
+"""Cost of the DeepSpeed ZeRO-3 engine: 2 ZeRO-3 ranks against one plain PyTorch process, same global batch.
+
+    python benchmarks/engine_overhead.py                         # small CoAtNet-0 at 64x64, global batch 16
+    python benchmarks/engine_overhead.py --steps 20 --batch 32 --image-size 96
+
+One run of this script measures, one after the other on the same machine:
+- plain, 2 threads: one process, torch threads = 2 (both cores), the whole global batch;
+- plain, 1 thread:  the same on one core (the per-core reference);
+- ZeRO-3, 2 ranks:  `torchrun --nproc_per_node 2` on this file, gloo, DeepSpeed's CPU accelerator, 1 thread
+  per rank (so both sides use the same 2 cores), micro-batch = global batch / 2, no accumulation.
+
+Both sides use the project's real components: the model from `pretrain.engine.build_model` (under
+`deepspeed.zero.Init` for ZeRO-3; the same `create_model` call without it for plain), the DeepSpeed config
+from `pretrain.ds_config.deepspeed_config` (typed `EngineConfig` / `OptimConfig`), torch's AdamW from
+`pretrain.optim.build_optimizer` with its schedule, and the loss from `pretrain.losses.build_loss`.
+
+Precision, and why the comparison is fair: DeepSpeed's bf16 mode casts the module to bf16 (forward and
+backward run entirely in bf16, norms included) and keeps fp32 master weights, on which AdamW and gradient
+clipping run. The plain process does exactly that by hand: a bf16 copy of the model computes, its gradients
+are copied into an fp32 master model, the gradient norm is clipped and AdamW steps on the master, whose
+values are copied back into the bf16 model. The arithmetic is thus the same on both sides; what differs is
+what ZeRO-3 adds: parameter gathers and releases around each module, gradient reduce-scatter, partitioned
+optimizer state and the engine's hooks. (bf16 autocast would instead run norms and softmax in fp32 and
+recast weights every forward, a different precision policy rather than an engine cost.)
+
+The input is synthetic (fixed random bf16 images and labels made before timing): this measures the
+engine, not the data pipeline (see benchmarks/data_speed.py for that). Warm-up steps are excluded; the
+figure per configuration is the median step time (for ZeRO-3, each step's slowest rank), with images/s.
+
+By default `engine.param_persistence_threshold` is 0 so that every parameter of this small model is
+partitioned, as nearly all of CoAtNet-5..7's are (DeepSpeed's default 1e5 elements would keep most of a
+small model's tensors whole and hide the gather cost).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from pretrain.config import EngineConfig, LossConfig, ModelConfig, OptimConfig, ScheduleConfig
+from pretrain.losses import build_loss
+from pretrain.optim import build_optimizer, build_scheduler
+
+ZERO3_RANKS = 2
+
+
+# ============================================================================================ configuration
+
+
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """A small CoAtNet-0 (same family and block types as the paper's, fewer and narrower blocks)."""
+    return ModelConfig(
+        name="coatnet_0",
+        image_size=args.image_size,
+        depths=[1, 1, 2, 2, 1],
+        dims=[32, 32, 64, 128, 256],
+        head_dim=32,
+        grad_checkpointing=args.grad_checkpointing,
+    )
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        zero_stage=3,
+        precision="bf16",
+        global_batch_size=args.batch,
+        param_persistence_threshold=args.persistence_threshold,
+    )
+
+
+def synthetic_batch(args: argparse.Namespace, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fixed images [size, 3, H, W] in bf16 (the loader's default output dtype) and labels [size]."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.randn(size, 3, args.image_size, args.image_size, generator=gen).to(torch.bfloat16)
+    labels = torch.randint(0, args.num_classes, (size,), generator=gen)
+    return images, labels
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def optimizer_bytes(opt: torch.optim.Optimizer, master: list[torch.Tensor] | None = None) -> int:
+    """fp32 master weights plus AdamW's moments and step counters held by this process.
+
+    `master` defaults to the optimizer's own params (the plain process). ZeRO-3 hands its fp32 partitions
+    to the wrapped torch optimizer only for the duration of `step()`, so the caller passes them.
+    """
+    if master is None:
+        master = [p for g in opt.param_groups for p in g["params"]]
+    states = [v for s in opt.state.values() for v in s.values()]
+    return tensor_bytes(master) + tensor_bytes(states)
+
+
+def time_steps(step, warmup: int, steps: int) -> list[float]:
+    """Seconds of each of `steps` calls of `step()` after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+# ============================================================================================ plain process
+
+
+def run_plain(args: argparse.Namespace) -> dict:
+    """One process, torch.optim.AdamW, bf16 compute weights + fp32 master weights (see module docstring)."""
+    from pretrain.model import create_model
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg, optim_cfg = model_config(args), OptimConfig()
+    master = create_model(
+        cfg.name, num_classes=args.num_classes, image_size=cfg.image_size, **cfg.overrides()
+    )
+    model = create_model(cfg.name, num_classes=args.num_classes, image_size=cfg.image_size, **cfg.overrides())
+    model.load_state_dict(master.state_dict())
+    model.to(torch.bfloat16).set_grad_checkpointing(cfg.grad_checkpointing)
+    master.train(), model.train()
+    optimizer = build_optimizer(master, optim_cfg)
+    scheduler = build_scheduler(optimizer, optim_cfg, ScheduleConfig(steps=10_000, warmup_steps=10), 1.0)
+    loss_fn = build_loss(LossConfig(), args.num_classes)
+    images, labels = synthetic_batch(args, args.batch, seed=0)
+    pairs = list(zip(model.parameters(), master.parameters(), strict=True))
+
+    def step() -> None:
+        loss_fn(model(images), labels).backward()
+        for low, high in pairs:  # bf16 gradients -> fp32 master gradients
+            high.grad = low.grad.float()
+            low.grad = None
+        torch.nn.utils.clip_grad_norm_(master.parameters(), optim_cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        with torch.no_grad():
+            for low, high in pairs:
+                low.copy_(high)  # fp32 master -> bf16 compute weights
+            for low, high in zip(model.buffers(), master.buffers(), strict=True):
+                high.copy_(low)  # BatchNorm running statistics follow the computing model
+
+    times = time_steps(step, args.warmup, args.steps)
+    n_params = sum(p.numel() for p in model.parameters())
+    return {
+        "times": times,
+        "threads": torch.get_num_threads(),
+        "params": n_params,
+        "param_bytes": tensor_bytes(model.parameters()),
+        "optimizer_bytes": optimizer_bytes(optimizer),
+    }
+
+
+# ============================================================================================ ZeRO-3 ranks
+
+
+def run_zero3(args: argparse.Namespace) -> dict | None:
+    """One ZeRO-3 rank (started by torchrun). Returns the results on rank 0, None on the others."""
+    from pretrain import dist
+    from pretrain.ds_config import deepspeed_config
+    from pretrain.engine import build_engine, build_model, full_parameter_count, local_parameter_count
+
+    torch.set_num_threads(args.threads)
+    info = dist.detect()
+    if info.world_size != ZERO3_RANKS:
+        raise ValueError(
+            f"--role zero3 expects {ZERO3_RANKS} ranks from torchrun, got WORLD_SIZE={info.world_size}"
+        )
+    eng_cfg, optim_cfg, cfg = engine_config(args), OptimConfig(), model_config(args)
+    dist.init_distributed(info, eng_cfg.timeout_minutes)
+    micro = args.batch // info.world_size
+    ds_config = deepspeed_config(eng_cfg, optim_cfg, micro_batch=micro, world_size=info.world_size)
+    torch.manual_seed(0)
+    model = build_model(cfg, num_classes=args.num_classes, ds_config=ds_config)
+    optimizer = build_optimizer(model, optim_cfg)
+    scheduler = build_scheduler(optimizer, optim_cfg, ScheduleConfig(steps=10_000, warmup_steps=10), 1.0)
+    engine = build_engine(model, optimizer, scheduler, ds_config)
+    loss_fn = build_loss(LossConfig(), args.num_classes)
+    images, labels = synthetic_batch(args, micro, seed=1 + info.rank)
+
+    def step() -> None:
+        loss = loss_fn(engine(images), labels)
+        engine.backward(loss)
+        engine.step()
+
+    times = time_steps(step, args.warmup, args.steps)
+    local = {
+        "times": times,
+        "threads": torch.get_num_threads(),
+        "params": full_parameter_count(engine.module),
+        "param_bytes": local_parameter_count(engine.module) * 2,  # bf16 partitions this rank stores
+        # The fp32 master and AdamW moments of this rank's shard (DeepSpeedZeroOptimizer_Stage3's flat partitions).
+        "optimizer_bytes": optimizer_bytes(
+            engine.optimizer.optimizer, master=list(engine.optimizer.fp32_partitioned_groups_flat)
+        ),
+    }
+    every = dist.all_gather_object(local)
+    dist.destroy()
+    if not info.is_main:
+        return None
+    slowest = [max(step_times) for step_times in zip(*(r["times"] for r in every), strict=True)]
+    return {
+        **local,
+        "times": slowest,
+        "threads_per_rank": [r["threads"] for r in every],
+        "param_bytes_per_rank": [r["param_bytes"] for r in every],
+        "optimizer_bytes_per_rank": [r["optimizer_bytes"] for r in every],
+        "micro_batch": micro,
+        "accumulation": ds_config["gradient_accumulation_steps"],
+    }
+
+
+# ============================================================================================ driver
+
+
+def child_args(args: argparse.Namespace, role: str, threads: int, out: Path) -> list[str]:
+    return [
+        __file__,
+        "--role", role,
+        "--threads", str(threads),
+        "--result", str(out),
+        "--steps", str(args.steps),
+        "--warmup", str(args.warmup),
+        "--batch", str(args.batch),
+        "--image-size", str(args.image_size),
+        "--num-classes", str(args.num_classes),
+        "--persistence-threshold", str(args.persistence_threshold),
+    ] + (["--grad-checkpointing"] if args.grad_checkpointing else [])  # fmt: skip
+
+
+def launch(args: argparse.Namespace, role: str, threads: int, workdir: Path) -> dict:
+    """Run one configuration in fresh processes (own thread pools, own memory) and read its result file."""
+    out = workdir / f"{role}-{threads}.json"
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if role == "zero3":
+        env["DS_ACCELERATOR"] = "cpu"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ZERO3_RANKS)]
+        cmd += ["--master_port", str(free_port())]
+    else:
+        cmd = [sys.executable]
+    proc = subprocess.run(cmd + child_args(args, role, threads, out), env=env, capture_output=True, text=True)
+    if proc.returncode != 0 or not out.exists():
+        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
+        raise RuntimeError(f"{role} with {threads} thread(s) failed (exit {proc.returncode}); output above")
+    return json.loads(out.read_text())
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def summary(result: dict, batch: int) -> tuple[float, float]:
+    """(median step seconds, images/s at the global batch)."""
+    median = statistics.median(result["times"])
+    return median, batch / median
+
+
+def report(args: argparse.Namespace, plain2: dict, plain1: dict, zero3: dict) -> dict:
+    """Print the comparison table and return its figures."""
+    mib = 2**20
+    t2, ips2 = summary(plain2, args.batch)
+    t1, ips1 = summary(plain1, args.batch)
+    tz, ipsz = summary(zero3, args.batch)
+    print(
+        f"model: CoAtNet-0 small (depths [1,1,2,2,1], dims [32,32,64,128,256], head_dim 32), "
+        f"{zero3['params'] / 1e6:.2f}M parameters, {args.image_size}x{args.image_size}, "
+        f"{args.num_classes} classes, bf16, grad checkpointing {'on' if args.grad_checkpointing else 'off'}"
+    )
+    print(
+        f"global batch {args.batch} (ZeRO-3: {zero3['micro_batch']} per rank x {ZERO3_RANKS} ranks, "
+        f"accumulation {zero3['accumulation']}); {args.steps} timed steps after {args.warmup} warm-up; "
+        f"persistence threshold {args.persistence_threshold}; synthetic input"
+    )
+    rows = [
+        (f"plain, {plain2['threads']} threads", t2, ips2, 2),
+        (f"plain, {plain1['threads']} thread", t1, ips1, 1),
+        (f"ZeRO-3, {ZERO3_RANKS} ranks x {zero3['threads_per_rank'][0]} thread", tz, ipsz, 2),
+    ]
+    print(f"{'configuration':<28} {'median step s':>14} {'img/s':>9} {'img/s/core':>11}")
+    for name, t, ips, cores in rows:
+        print(f"{name:<28} {t:>14.4f} {ips:>9.1f} {ips / cores:>11.1f}")
+    print(f"ratio ZeRO-3 / plain (2 threads, same 2 cores): {tz / t2:.2f}x step time")
+    print(f"ratio ZeRO-3 / plain (1 thread):                {tz / t1:.2f}x step time")
+    print(
+        f"per-core: ZeRO-3 reaches {ipsz / 2 / ips1:.0%} of one plain core's img/s per core "
+        f"(ideal 2-rank step = plain 1-thread step / 2 = {t1 / 2:.4f} s)"
+    )
+    full_param = plain2["param_bytes"]
+    for r, (pb, ob) in enumerate(
+        zip(zero3["param_bytes_per_rank"], zero3["optimizer_bytes_per_rank"], strict=True)
+    ):
+        print(
+            f"ZeRO-3 rank {r}: bf16 parameters {pb / mib:.2f} MiB ({pb / full_param:.0%} of full), "
+            f"fp32 master + AdamW state {ob / mib:.2f} MiB ({ob / plain2['optimizer_bytes']:.0%} of full)"
+        )
+    print(
+        f"plain process: bf16 parameters {full_param / mib:.2f} MiB, "
+        f"fp32 master + AdamW state {plain2['optimizer_bytes'] / mib:.2f} MiB"
+    )
+    print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    return {
+        "plain_2threads_s": t2,
+        "plain_1thread_s": t1,
+        "zero3_s": tz,
+        "ratio_vs_plain_2threads": tz / t2,
+        "ratio_vs_plain_1thread": tz / t1,
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--batch", type=int, default=16, help=f"global batch (a multiple of {ZERO3_RANKS})")
+    p.add_argument("--image-size", type=int, default=64, help="input resolution (divisible by 32)")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing on both sides")
+    p.add_argument("--persistence-threshold", type=int, default=0, help="stage3_param_persistence_threshold")
+    p.add_argument("--json", type=Path, help="also write the figures here")
+    p.add_argument("--role", choices=["plain", "zero3"], help=argparse.SUPPRESS)
+    p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.batch % ZERO3_RANKS:
+        p.error(f"--batch {args.batch} is not a multiple of {ZERO3_RANKS} ranks")
+    if args.steps < 1 or args.warmup < 0:
+        p.error("--steps must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.role == "plain":
+        args.result.write_text(json.dumps(run_plain(args)))
+        return 0
+    if args.role == "zero3":
+        result = run_zero3(args)
+        if result is not None:
+            args.result.write_text(json.dumps(result))
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        plain2 = launch(args, "plain", 2, workdir)
+        plain1 = launch(args, "plain", 1, workdir)
+        zero3 = launch(args, "zero3", 1, workdir)
+    figures = report(args, plain2, plain1, zero3)
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
