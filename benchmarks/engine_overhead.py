@@ -35,6 +35,7 @@ small model's tensors whole and hide the gather cost).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -42,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -101,16 +103,30 @@ def optimizer_bytes(opt: torch.optim.Optimizer, master: list[torch.Tensor] | Non
     return tensor_bytes(master) + tensor_bytes(states)
 
 
-def time_steps(step, warmup: int, steps: int) -> list[float]:
-    """Seconds of each of `steps` calls of `step()` after `warmup` untimed ones."""
+PHASES = ("forward", "backward", "update")
+
+
+def clock_into(marks: list[float]) -> Callable[[], None]:
+    """A `clock()` that appends the current time to `marks`."""
+    return lambda: marks.append(time.perf_counter())
+
+
+def time_steps(step, warmup: int, steps: int) -> tuple[list[float], list[list[float]]]:
+    """Seconds of each of `steps` calls of `step()` after `warmup` untimed ones, and of their phases.
+
+    `step(clock)` calls `clock()` after the forward (loss included) and after the backward; the rest of
+    the step is the update (gradient clipping, AdamW, for ZeRO-3 also the partition bookkeeping).
+    """
     for _ in range(warmup):
-        step()
-    times = []
+        step(lambda: None)
+    times, phases = [], []
     for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    return times
+        marks = [time.perf_counter()]
+        step(clock_into(marks))
+        marks.append(time.perf_counter())
+        times.append(marks[-1] - marks[0])
+        phases.append([b - a for a, b in itertools.pairwise(marks)])
+    return times, phases
 
 
 # ============================================================================================ plain process
@@ -136,8 +152,11 @@ def run_plain(args: argparse.Namespace) -> dict:
     images, labels = synthetic_batch(args, args.batch, seed=0)
     pairs = list(zip(model.parameters(), master.parameters(), strict=True))
 
-    def step() -> None:
-        loss_fn(model(images), labels).backward()
+    def step(clock) -> None:
+        loss = loss_fn(model(images), labels)
+        clock()
+        loss.backward()
+        clock()
         for low, high in pairs:  # bf16 gradients -> fp32 master gradients
             high.grad = low.grad.float()
             low.grad = None
@@ -151,10 +170,11 @@ def run_plain(args: argparse.Namespace) -> dict:
             for low, high in zip(model.buffers(), master.buffers(), strict=True):
                 high.copy_(low)  # BatchNorm running statistics follow the computing model
 
-    times = time_steps(step, args.warmup, args.steps)
+    times, phases = time_steps(step, args.warmup, args.steps)
     n_params = sum(p.numel() for p in model.parameters())
     return {
         "times": times,
+        "phases": phases,
         "threads": torch.get_num_threads(),
         "params": n_params,
         "param_bytes": tensor_bytes(model.parameters()),
@@ -189,14 +209,17 @@ def run_zero3(args: argparse.Namespace) -> dict | None:
     loss_fn = build_loss(LossConfig(), args.num_classes)
     images, labels = synthetic_batch(args, micro, seed=1 + info.rank)
 
-    def step() -> None:
+    def step(clock) -> None:
         loss = loss_fn(engine(images), labels)
+        clock()
         engine.backward(loss)
+        clock()
         engine.step()
 
-    times = time_steps(step, args.warmup, args.steps)
+    times, phases = time_steps(step, args.warmup, args.steps)
     local = {
         "times": times,
+        "phases": phases,  # this rank's; the report shows rank 0's
         "threads": torch.get_num_threads(),
         "params": full_parameter_count(engine.module),
         "param_bytes": local_parameter_count(engine.module) * 2,  # bf16 partitions this rank stores
@@ -270,6 +293,28 @@ def summary(result: dict, batch: int) -> tuple[float, float]:
     return median, batch / median
 
 
+def spread(times: list[float]) -> str:
+    """10th-90th percentile of the step times: how much the shared machine moved them."""
+    if len(times) < 2:
+        return "-"
+    deciles = statistics.quantiles(times, n=10)
+    return f"{deciles[0]:.4f}-{deciles[-1]:.4f}"
+
+
+def phase_medians(result: dict) -> str:
+    per_phase = zip(*result["phases"], strict=True)
+    return " ".join(f"{name} {statistics.median(v):.4f}" for name, v in zip(PHASES, per_phase, strict=True))
+
+
+def merge(results: list[dict]) -> dict:
+    """One configuration's repeats as one result: all timed steps pooled, the rest from the last repeat."""
+    return {
+        **results[-1],
+        "times": [t for r in results for t in r["times"]],
+        "phases": [p for r in results for p in r["phases"]],
+    }
+
+
 def report(args: argparse.Namespace, plain2: dict, plain1: dict, zero3: dict) -> dict:
     """Print the comparison table and return its figures."""
     mib = 2**20
@@ -283,17 +328,22 @@ def report(args: argparse.Namespace, plain2: dict, plain1: dict, zero3: dict) ->
     )
     print(
         f"global batch {args.batch} (ZeRO-3: {zero3['micro_batch']} per rank x {ZERO3_RANKS} ranks, "
-        f"accumulation {zero3['accumulation']}); {args.steps} timed steps after {args.warmup} warm-up; "
+        f"accumulation {zero3['accumulation']}); {args.repeats} x {args.steps} timed steps per configuration, "
+        f"each after {args.warmup} warm-up; "
         f"persistence threshold {args.persistence_threshold}; synthetic input"
     )
     rows = [
-        (f"plain, {plain2['threads']} threads", t2, ips2, 2),
-        (f"plain, {plain1['threads']} thread", t1, ips1, 1),
-        (f"ZeRO-3, {ZERO3_RANKS} ranks x {zero3['threads_per_rank'][0]} thread", tz, ipsz, 2),
+        (f"plain, {plain2['threads']} threads", plain2, t2, ips2, 2),
+        (f"plain, {plain1['threads']} thread", plain1, t1, ips1, 1),
+        (f"ZeRO-3, {ZERO3_RANKS} ranks x {zero3['threads_per_rank'][0]} thread", zero3, tz, ipsz, 2),
     ]
-    print(f"{'configuration':<28} {'median step s':>14} {'img/s':>9} {'img/s/core':>11}")
-    for name, t, ips, cores in rows:
-        print(f"{name:<28} {t:>14.4f} {ips:>9.1f} {ips / cores:>11.1f}")
+    header = f"{'configuration':<28} {'median step s':>14} {'p10-p90 s':>15} {'img/s':>8} {'img/s/core':>11}"
+    print(header + "  median phases s (ZeRO-3: rank 0)")
+    for name, result, t, ips, cores in rows:
+        print(
+            f"{name:<28} {t:>14.4f} {spread(result['times']):>15} {ips:>8.1f} {ips / cores:>11.1f}  "
+            + phase_medians(result)
+        )
     print(f"ratio ZeRO-3 / plain (2 threads, same 2 cores): {tz / t2:.2f}x step time")
     print(f"ratio ZeRO-3 / plain (1 thread):                {tz / t1:.2f}x step time")
     print(
@@ -314,18 +364,28 @@ def report(args: argparse.Namespace, plain2: dict, plain1: dict, zero3: dict) ->
     )
     print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     return {
+        "global_batch": args.batch,
+        "image_size": args.image_size,
         "plain_2threads_s": t2,
         "plain_1thread_s": t1,
         "zero3_s": tz,
         "ratio_vs_plain_2threads": tz / t2,
         "ratio_vs_plain_1thread": tz / t1,
+        "zero3_param_bytes_per_rank": zero3["param_bytes_per_rank"],
+        "zero3_optimizer_bytes_per_rank": zero3["optimizer_bytes_per_rank"],
+        "plain_param_bytes": plain2["param_bytes"],
+        "plain_optimizer_bytes": plain2["optimizer_bytes"],
+        "load_average": list(os.getloadavg()),
     }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (in every process)")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="rounds of the three configurations, interleaved; steps pooled"
+    )
     p.add_argument("--batch", type=int, default=16, help=f"global batch (a multiple of {ZERO3_RANKS})")
     p.add_argument("--image-size", type=int, default=64, help="input resolution (divisible by 32)")
     p.add_argument("--num-classes", type=int, default=1000)
@@ -338,8 +398,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch % ZERO3_RANKS:
         p.error(f"--batch {args.batch} is not a multiple of {ZERO3_RANKS} ranks")
-    if args.steps < 1 or args.warmup < 0:
-        p.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        p.error("--steps and --repeats must be >= 1, --warmup >= 0")
     return args
 
 
@@ -353,12 +413,14 @@ def main(argv: list[str] | None = None) -> int:
         if result is not None:
             args.result.write_text(json.dumps(result))
         return 0
+    runs: dict[str, list[dict]] = {"plain2": [], "plain1": [], "zero3": []}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        plain2 = launch(args, "plain", 2, workdir)
-        plain1 = launch(args, "plain", 1, workdir)
-        zero3 = launch(args, "zero3", 1, workdir)
-    figures = report(args, plain2, plain1, zero3)
+        for _ in range(args.repeats):  # interleaved, so that a change of load hits every configuration
+            runs["plain2"].append(launch(args, "plain", 2, workdir))
+            runs["plain1"].append(launch(args, "plain", 1, workdir))
+            runs["zero3"].append(launch(args, "zero3", 1, workdir))
+    figures = report(args, merge(runs["plain2"]), merge(runs["plain1"]), merge(runs["zero3"]))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2))
     return 0
