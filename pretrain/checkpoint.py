@@ -189,6 +189,7 @@ class CheckpointManager:
     # ------------------------------------------------------------------------------------------ save
 
     def is_committed(self, step: int) -> bool:
+        """Whether the checkpoint of `step` has its manifest (same answer on every rank after a save)."""
         return (self.root / tag_for(step) / MANIFEST).exists()
 
     def save(self, engine, step: int, client_state: dict, meta: dict | None = None) -> Path:

@@ -110,7 +110,10 @@ def test_export_gives_a_plain_model_the_zero3_models_logits(
             # bf16 ulp (0.5% of the largest logit) against both plain models.
             assert (bf16 - zero3).abs().max().item() <= 0.01 * scale, (bf16 - zero3).abs().max()
             assert (fp32 - zero3).abs().max().item() <= 0.01 * scale, (fp32 - zero3).abs().max()
-            assert torch.equal(fp32.argmax(-1), zero3.argmax(-1))
+            # Predictions agree wherever the top two logits are further apart than that tolerance.
+            top2 = fp32.topk(2, dim=-1).values
+            clear = (top2[:, 0] - top2[:, 1]) > 0.02 * scale
+            assert clear.any() and torch.equal(fp32.argmax(-1)[clear], zero3.argmax(-1)[clear])
 
 
 @pytest.mark.slow
