@@ -43,11 +43,12 @@ COMMON = (
 )
 # Another world size: the same samples and weights at the first resumed step, then gradients summed in
 # another order (all-reduce over 2 ranks vs 2 accumulation steps) and rounded to bf16 weights. Measured
-# here: the per-step loss difference stays below 1e-3 for ~8 steps, then grows as bf16 rounding flips
-# weights (to 0.01-0.04 by 20 steps). Per-step losses move by ~0.05 from batch to batch, so a wrong
-# model, optimizer state, schedule or data position shows up far above the early tolerance.
+# here: the per-step loss difference stays at or below 1e-3 for ~8 steps, then grows as bf16 rounding
+# flips weights (up to 0.02-0.08 on single steps by 20 steps, mean ~0.01). Per-step losses move by
+# ~0.05 from batch to batch, so a wrong model, optimizer state, schedule or data position shows up far
+# above the early tolerance; the late bounds only say the run stays on the same trajectory.
 EARLY_STEPS, EARLY_TOL = 8, 5e-3
-LATE_MAX, LATE_MEAN = 0.1, 0.02
+LATE_MAX, LATE_MEAN = 0.15, 0.03
 
 _RUNS: dict[str, object] = {}
 
