@@ -177,6 +177,19 @@ def all_gather_object(obj) -> list:
     return out
 
 
+def world_size() -> int:
+    return torch.distributed.get_world_size() if is_initialized() else 1
+
+
+def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's equally sized tensor, concatenated in rank order (flat)."""
+    if not (is_initialized() and torch.distributed.get_world_size() > 1):
+        return tensor.reshape(-1)
+    out = tensor.new_empty(tensor.numel() * torch.distributed.get_world_size())
+    torch.distributed.all_gather_into_tensor(out, tensor.reshape(-1))
+    return out
+
+
 def barrier() -> None:
     if is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.barrier()

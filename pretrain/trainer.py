@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import os
 import random
@@ -40,6 +41,7 @@ from pretrain.checkpoint import (
 from pretrain.config import RESUME_INVARIANT_KEYS, TrainConfig, resume_hash
 from pretrain.configlib import dump_yaml, flatten, to_tree
 from pretrain.ds_config import deepspeed_config, grad_accum_steps
+from pretrain.ema import ShardedEma
 from pretrain.engine import build_engine, build_model, full_parameter_count
 from pretrain.evaluate import evaluate
 from pretrain.logs import setup_logging
@@ -49,6 +51,7 @@ from pretrain.model import count_macs, create_model
 from pretrain.optim import build_optimizer, build_scheduler, total_and_warmup_steps
 from pretrain.preemption import EXIT_REQUEUE, EventLog, JobContext, PreemptionHandler, downtimes
 from pretrain.tracking import build_tracker
+from pretrain.transfer import LoadReport, load_initial_weights
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +88,10 @@ class Trainer:
         flops_per_image: float,
         metrics_file: MetricsFile | NullMetricsFile,
         events: EventLog,
+        ema: ShardedEma | None = None,
+        init_report: LoadReport | None = None,
     ):
+        self.ema, self.init_report = ema, init_report
         self.cfg, self.info, self.run_dir, self.device = cfg, info, run_dir, device
         self.engine, self.train_loader, self.eval_loader = engine, train_loader, eval_loader
         self.loss_fn, self.tracker, self.checkpoints, self.preemption = (
@@ -145,10 +151,13 @@ class Trainer:
             cfg.engine, cfg.optim, micro_batch=cfg.data.batch_size, world_size=info.world_size
         )
         model = build_model(cfg.model, num_classes=num_classes, ds_config=ds_config)
+        # Fine-tuning: before the engine exists, so that the fp32 master weights start from these values.
+        init_report = load_initial_weights(model, cfg.init) if cfg.init.path else None
         optimizer = build_optimizer(model, cfg.optim)
         steps_per_epoch = train_loader.steps_per_epoch / accum
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.schedule, steps_per_epoch)
         engine = build_engine(model, optimizer, scheduler, ds_config)
+        ema = ShardedEma(engine.module, cfg.ema.decay, cfg.ema.every) if cfg.ema.decay > 0 else None
         total_steps, warmup = total_and_warmup_steps(cfg.schedule, steps_per_epoch)
         log.info(
             "%s: %.1fM parameters, %d classes; %d steps (%d warm-up) of %d images (%d x %d x %d ranks)",
@@ -181,6 +190,8 @@ class Trainer:
             flops_per_image=_flops_per_image(cfg, num_classes),
             metrics_file=MetricsFile(run_dir / "metrics.jsonl") if info.is_main else NullMetricsFile(),
             events=EventLog(job.events_file if info.is_main else None),
+            ema=ema,
+            init_report=init_report,
         )
 
     # ================================================================================================ loop
@@ -215,6 +226,8 @@ class Trainer:
                 return EXIT_REQUEUE
         final = self._evaluate(self.state.step)
         self._save(self.state.step)
+        if self.ema is not None:
+            self._export_ema()
         log.info(
             "done: %d steps in %s%s",
             self.state.step,
@@ -238,6 +251,8 @@ class Trainer:
                 self._canary = {"images": images[:4].detach().cpu(), "targets": targets[:4].detach().cpu()}
         self.state.step += 1
         self.state.samples_seen += self.global_batch
+        if self.ema is not None:
+            self.ema.update(self.state.step)
         self.meter.step_done()
 
     def _log_metrics(self, step: int) -> None:
@@ -281,19 +296,55 @@ class Trainer:
         return self.state.samples_seen / max(1, self.train_loader.samples_per_epoch)
 
     def _evaluate(self, step: int) -> dict[str, float]:
+        """Held-out metrics of the weights, and of their EMA when there is one (keys prefixed `ema_`)."""
         if self.eval_loader is None:
             return {}
-        self.engine.eval()
-        try:
-            results = evaluate(
-                self.engine, self.eval_loader, label_kind=self.train_loader.label_kind, device=self.device
-            )
-        finally:
-            self.engine.train()
+        results = self._evaluate_weights()
+        if self.ema is not None and self.ema.shadow is not None:
+            with self.ema.swapped_in():
+                results.update({f"ema_{k}": v for k, v in self._evaluate_weights().items() if k != "samples"})
         self.tracker.log_metrics({f"eval/{k}": v for k, v in results.items() if k != "samples"}, step)
         self.metrics_file.write(step, {f"eval/{k}": v for k, v in results.items()})
         log.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in results.items()))
         return results
+
+    def _evaluate_weights(self) -> dict[str, float]:
+        self.engine.eval()
+        try:
+            return evaluate(
+                self.engine, self.eval_loader, label_kind=self.train_loader.label_kind, device=self.device
+            )
+        finally:
+            self.engine.train()
+
+    def _export_ema(self) -> None:
+        """The final EMA weights as run_dir/ema.safetensors (+ .json), loadable by `init.path` (collective)."""
+        from safetensors.torch import save_file
+
+        tensors = self.ema.full_state_dict()
+        module = self.engine.module
+        for name, buf in module.state_dict(
+            keep_vars=True
+        ).items():  # BatchNorm statistics: same on every rank
+            if name not in tensors and not isinstance(buf, torch.nn.Parameter):
+                tensors[name] = buf.detach().cpu().clone()
+        if self.info.is_main:
+            out = self.run_dir / "ema.safetensors"
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(out))
+            out.with_suffix(".json").write_text(
+                json.dumps(
+                    {
+                        "model": {"name": self.cfg.model.name, "config": dataclasses.asdict(module.config)},
+                        "step": self.state.step,
+                        "image_size": self.cfg.model.image_size,
+                        "ema_decay": self.ema.decay,
+                        "num_classes": module.num_classes,
+                        "class_names": self.train_loader.class_names,
+                    },
+                    indent=1,
+                )
+            )
+            log.info("EMA weights written to %s", out)
 
     # ================================================================================================ state
 
@@ -321,6 +372,7 @@ class Trainer:
                     "rank": self.info.rank,
                     "loader": self.train_loader.state_dict(),
                     "rng": _rng_state(),
+                    "ema": self.ema.state_dict() if self.ema is not None else None,
                 },
             }
         }
@@ -410,6 +462,8 @@ class Trainer:
         else:
             key = f"{self.cfg.run.seed}/{self.state.step}/{self.info.rank}".encode()
             _seed_everything(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+        if self.ema is not None and own.get("ema") is not None:
+            self.ema.load_state_dict(own["ema"])  # a shard of this rank's; at another world size: restarts
         load_batchnorm_state(self.engine.module, shared["batchnorm"])  # not in a universal checkpoint
         self._canary = shared["canary"]
         if self._canary is not None:
@@ -465,6 +519,24 @@ class Trainer:
         self.tracker.wait_started(self.cfg.tracking.timeout_s)
         if resumed is None:
             self.tracker.log_artifact(self.run_dir / "config.yaml")
+            if self.init_report is not None:
+                self._record_init_report()
+
+    def _record_init_report(self) -> None:
+        """Which keys of the initial weights were loaded, resized, re-initialised, missing or unexpected."""
+        report = self.init_report
+        if self.info.is_main:
+            (self.run_dir / "init_report.json").write_text(report.to_json())
+        self.tracker.log_artifact(self.run_dir / "init_report.json")
+        self.tracker.set_tags(
+            {
+                "init_path": report.source,
+                **{
+                    f"init_{k}": str(len(getattr(report, k)))
+                    for k in ("loaded", "resized", "reinitialised", "missing", "unexpected")
+                },
+            }
+        )
 
     def close(self) -> None:
         self.preemption.close()
