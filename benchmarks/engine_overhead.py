@@ -308,7 +308,7 @@ def spread(times: list[float]) -> str:
     """10th-90th percentile of the step times: how much the shared machine moved them."""
     if len(times) < 2:
         return "-"
-    deciles = statistics.quantiles(times, n=10)
+    deciles = statistics.quantiles(times, n=10, method="inclusive")  # never outside the data
     return f"{deciles[0]:.4f}-{deciles[-1]:.4f}"
 
 
