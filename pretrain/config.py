@@ -232,8 +232,11 @@ def _check_consistency(cfg: TrainConfig, origin: dict[str, str], path: str) -> N
     if cfg.init.path is not None and not Path(cfg.init.path).exists():
         fail("init.path", f"{cfg.init.path} does not exist")
     if cfg.data.output_dtype != cfg.engine.precision:
-        fail("data.output_dtype", f"{cfg.data.output_dtype!r} differs from engine.precision={cfg.engine.precision!r}; "
-             "the model takes its input in its own precision")
+        fail(
+            "data.output_dtype",
+            f"{cfg.data.output_dtype!r} differs from engine.precision={cfg.engine.precision!r}; "
+            "the model takes its input in its own precision",
+        )
     gb = cfg.engine.global_batch_size
     if gb is not None and gb % cfg.data.batch_size:
         fail("engine.global_batch_size", f"{gb} is not a multiple of data.batch_size={cfg.data.batch_size}")
