@@ -111,6 +111,13 @@ def clock_into(marks: list[float]) -> Callable[[], None]:
     return lambda: marks.append(time.perf_counter())
 
 
+def resident_parameter_bytes(model: torch.nn.Module) -> int:
+    """Parameter bytes this ZeRO-3 rank holds between steps: its partition (`ds_tensor`) of every parameter
+    plus the whole tensor of those it keeps gathered (below the persistence threshold; released ones have
+    an empty `data`). `pretrain.engine.local_parameter_count` counts only the partitions."""
+    return sum(tensor_bytes([p.data, getattr(p, "ds_tensor", None)]) for p in model.parameters())
+
+
 def time_steps(step, warmup: int, steps: int) -> tuple[list[float], list[list[float]]]:
     """Seconds of each of `steps` calls of `step()` after `warmup` untimed ones, and of their phases.
 
@@ -189,7 +196,7 @@ def run_zero3(args: argparse.Namespace) -> dict | None:
     """One ZeRO-3 rank (started by torchrun). Returns the results on rank 0, None on the others."""
     from pretrain import dist
     from pretrain.ds_config import deepspeed_config
-    from pretrain.engine import build_engine, build_model, full_parameter_count, local_parameter_count
+    from pretrain.engine import build_engine, build_model, full_parameter_count
 
     torch.set_num_threads(args.threads)
     info = dist.detect()
@@ -222,7 +229,7 @@ def run_zero3(args: argparse.Namespace) -> dict | None:
         "phases": phases,  # this rank's; the report shows rank 0's
         "threads": torch.get_num_threads(),
         "params": full_parameter_count(engine.module),
-        "param_bytes": local_parameter_count(engine.module) * 2,  # bf16 partitions this rank stores
+        "param_bytes": resident_parameter_bytes(engine.module),
         # The fp32 master and AdamW moments of this rank's shard (DeepSpeedZeroOptimizer_Stage3's flat partitions).
         "optimizer_bytes": optimizer_bytes(
             engine.optimizer.optimizer, master=list(engine.optimizer.fp32_partitioned_groups_flat)
