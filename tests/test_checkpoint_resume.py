@@ -13,10 +13,8 @@ Runs are cached per pytest session (`run_once`) so that test_export.py can reuse
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -25,7 +23,7 @@ import torch
 
 from pretrain.checkpoint import HASH_KEY, MANIFEST, POINTER, file_digest, read_manifest, tag_for
 from pretrain.export import consolidated_state_dict
-from tests.fixtures.mlflow_server import free_port
+from tests.helpers.launch import data_overrides, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -64,27 +62,8 @@ def train(
     nproc: int, run_dir: Path, shards: Path, *overrides: str, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     """pretrain.train on the smoke config with COMMON + overrides: torchrun for 2 ranks, a plain process for 1."""
-    port = str(free_port())
-    if nproc == 1:
-        prefix = [sys.executable, "-m"]
-    else:
-        prefix = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc)]
-        prefix += ["--master_port", port, "-m"]
-    args = [
-        "pretrain.train",
-        "--config",
-        str(SMOKE),
-        f"data.train={shards / 'train'}",
-        f"data.val={shards / 'val'}",
-        f"run.output_dir={run_dir.parent}",
-        f"run.name={run_dir.name}",
-        *COMMON,
-        *overrides,
-    ]
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), "MASTER_PORT": port, **(env or {})}
-    full_env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run(
-        [*prefix, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=600
+    return run_training(
+        SMOKE, run_dir, *data_overrides(shards), *COMMON, *overrides, nproc=nproc, env=env, timeout=600
     )
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,55 +11,21 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
-from tests.fixtures.mlflow_server import free_port
+from tests.helpers.launch import BIN, CONFIGS, read_metrics, run_training
 
-REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-FINETUNE = REPO / "configs" / "smoke_finetune.yaml"
+FINETUNE = CONFIGS / "smoke_finetune.yaml"
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
 
 def run(config: Path, run_dir: Path, *overrides: str, nproc: int = 1) -> subprocess.CompletedProcess:
-    launcher = (
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_port",
-            str(free_port()),
-            "-m",
-        ]
-        if nproc > 1
-        else [sys.executable, "-m"]
-    )
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run(
-        [
-            *launcher,
-            "pretrain.train",
-            "--config",
-            str(config),
-            f"run.output_dir={run_dir.parent}",
-            f"run.name={run_dir.name}",
-            *overrides,
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = run_training(config, run_dir, *overrides, nproc=nproc)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 
 
 def final_eval(run_dir: Path) -> dict:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [m for m in lines if "eval/top1" in m][-1]
+    return read_metrics(run_dir)[1][-1]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +33,7 @@ def pretrained_export(tmp_path_factory: pytest.TempPathFactory, digits_shards: P
     """The smoke model pre-trained on the 10 digit classes at 32x32, exported with coatnet-export."""
     run_dir = tmp_path_factory.mktemp("pretrain") / "pre"
     run(
-        REPO / "configs" / "smoke.yaml",
+        CONFIGS / "smoke.yaml",
         run_dir,
         f"data.train={digits_shards / 'train'}",
         f"data.val={digits_shards / 'val'}",

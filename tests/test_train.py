@@ -12,52 +12,17 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.fixtures.mlflow_server import free_port
+from tests.helpers.launch import CONFIGS, data_overrides, read_metrics, run_training
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
-SMOKE = REPO / "configs" / "smoke.yaml"
+SMOKE = CONFIGS / "smoke.yaml"
 
 
 def train(
-    launcher: str, run_dir: Path, shards: Path, *overrides: str, nproc: int = 2, timeout: int = 900
+    launcher: str, run_dir: Path, shards: Path, *overrides: str, nproc: int = 2
 ) -> subprocess.CompletedProcess:
-    """Run coatnet-train on configs/smoke.yaml through the given launcher; the run folder is `run_dir`."""
-    port = str(free_port())
-    prefix = {
-        "deepspeed": [str(BIN / "deepspeed"), "--num_gpus", str(nproc), "--master_port", port, "--module"],
-        "torchrun": [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(nproc),
-            "--master_port",
-            port,
-            "-m",
-        ],
-        "single": [sys.executable, "-m"],
-    }[launcher]
-    args = [
-        "pretrain.train",
-        "--config",
-        str(SMOKE),
-        f"data.train={shards / 'train'}",
-        f"data.val={shards / 'val'}",
-        f"run.output_dir={run_dir.parent}",
-        f"run.name={run_dir.name}",
-        *overrides,
-    ]
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run(
-        [*prefix, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
-    )
-
-
-def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(training lines, evaluation lines) of rank 0's metrics.jsonl."""
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [m for m in lines if "loss" in m], [m for m in lines if "eval/top1" in m]
+    """coatnet-train on configs/smoke.yaml through the given launcher; the run folder is `run_dir`."""
+    return run_training(SMOKE, run_dir, *data_overrides(shards), *overrides, launcher=launcher, nproc=nproc)
 
 
 def assert_learned(run_dir: Path, proc: subprocess.CompletedProcess, min_top1: float) -> list[dict]:
