@@ -53,5 +53,12 @@ def full_parameter_count(model: torch.nn.Module) -> int:
 
 
 def local_parameter_count(model: torch.nn.Module) -> int:
-    """Parameters this rank actually stores (its ZeRO-3 partitions, or everything without ZeRO-3)."""
-    return sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters())
+    """Parameter elements this rank stores: its ZeRO-3 partitions, plus the whole tensors of parameters
+    below `stage3_param_persistence_threshold` that ZeRO-3 keeps on every rank (everything without ZeRO-3)."""
+    total = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_tensor"):
+            total += p.ds_tensor.numel() + (p.ds_numel if getattr(p, "ds_persist", False) else 0)
+        else:
+            total += p.numel()
+    return total
