@@ -134,3 +134,14 @@ def export(run_dir: Path) -> dict[str, torch.Tensor]:
         timeout=300,
     )
     return load_file(str(out))
+
+
+def test_init_reads_a_checkpoint_folder_like_its_export(pretrained_export: Path) -> None:
+    """`init.path` may name the pre-training checkpoint folder directly: the same weights as the export."""
+    from pretrain.transfer import read_state_dict
+
+    exported = load_file(str(pretrained_export))
+    direct = read_state_dict(pretrained_export.parent / "pre" / "checkpoints")
+    assert direct.keys() == exported.keys()
+    for key, tensor in exported.items():
+        assert torch.equal(direct[key].to(tensor.dtype), tensor), key
