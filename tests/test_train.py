@@ -18,10 +18,9 @@ REPO = Path(__file__).resolve().parents[1]
 SMOKE = CONFIGS / "smoke.yaml"
 
 
-def train(
-    launcher: str, run_dir: Path, shards: Path, *overrides: str, nproc: int = 2
-) -> subprocess.CompletedProcess:
-    """coatnet-train on configs/smoke.yaml through the given launcher; the run folder is `run_dir`."""
+def train(launcher: str, run_dir: Path, shards: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """coatnet-train on configs/smoke.yaml: 2 ranks through a launcher, or one plain process ("single")."""
+    nproc = 1 if launcher == "single" else 2
     return run_training(SMOKE, run_dir, *data_overrides(shards), *overrides, launcher=launcher, nproc=nproc)
 
 
