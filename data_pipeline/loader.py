@@ -96,7 +96,25 @@ class _LiveSegment:
         self.last_checkpoint: bytes | None = None
 
 
-class TrainLoader:
+class _LabelSpace:
+    """What both loaders tell the trainer about the labels, from the dataset's manifest."""
+
+    dataset: ShardedDataset
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.manifest.num_classes
+
+    @property
+    def label_kind(self) -> str:
+        return self.dataset.manifest.label_kind
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.dataset.manifest.class_names)
+
+
+class TrainLoader(_LabelSpace):
     """Endless iterator of (images NCHW on `device`, targets); see the module docstring for the state."""
 
     def __init__(
@@ -137,18 +155,6 @@ class TrainLoader:
         self.last_ids: list[str] = []  # "<shard>/<key>" of the last batch, as DALI read them
 
     # -- what the trainer reads -------------------------------------------------------------------
-    @property
-    def num_classes(self) -> int:
-        return self.dataset.manifest.num_classes
-
-    @property
-    def label_kind(self) -> str:
-        return self.dataset.manifest.label_kind
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.dataset.manifest.class_names)
-
     @property
     def samples_per_epoch(self) -> int:
         """Samples of one epoch over all ranks (padding excluded)."""
@@ -347,7 +353,7 @@ class TrainLoader:
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
-class EvalLoader:
+class EvalLoader(_LabelSpace):
     """One pass over the evaluation set per iteration: (images, labels, valid) with equal steps per rank."""
 
     def __init__(
@@ -369,18 +375,6 @@ class EvalLoader:
         )
         self._dir = _index_dir(cfg, f"eval-r{rank}")
         self.last_ids: list[str] = []  # "<shard>/<key>" of the last batch, as DALI read them
-
-    @property
-    def num_classes(self) -> int:
-        return self.dataset.manifest.num_classes
-
-    @property
-    def label_kind(self) -> str:
-        return self.dataset.manifest.label_kind
-
-    @property
-    def class_names(self) -> list[str]:
-        return list(self.dataset.manifest.class_names)
 
     @property
     def num_samples(self) -> int:
