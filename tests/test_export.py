@@ -9,7 +9,6 @@ buffers. The test then feeds the same images to a plain model built from the exp
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from safetensors.torch import load_file
 
 from pretrain.checkpoint import tag_for
 from pretrain.model import create_model_from_config
-from tests.fixtures.mlflow_server import free_port
+from tests.helpers.launch import run_script
 from tests.test_checkpoint_resume import COMMON, REPO, SMOKE, STEPS, reference_run, tail
 
 BIN = Path(sys.executable).parent
@@ -34,28 +33,15 @@ def export(*args: str) -> subprocess.CompletedProcess:
 
 def zero3_probe(out_dir: Path, shards: Path, checkpoint: Path) -> list[dict]:
     """Per rank: {"images", "logits", "batchnorm"} of one eval batch through the 2-rank ZeRO-3 engine."""
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            __file__,
-            str(out_dir),
-            f"data.train={shards / 'train'}",
-            f"data.val={shards / 'val'}",
-            f"run.output_dir={out_dir}",
-            "run.name=probe",
-            f"checkpoint.resume={checkpoint}",
-            *COMMON,
-        ],
-        cwd=REPO,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        capture_output=True,
-        text=True,
+    proc = run_script(
+        __file__,
+        str(out_dir),
+        f"data.train={shards / 'train'}",
+        f"data.val={shards / 'val'}",
+        f"run.output_dir={out_dir}",
+        "run.name=probe",
+        f"checkpoint.resume={checkpoint}",
+        *COMMON,
         timeout=600,
     )
     assert proc.returncode == 0, tail(proc)

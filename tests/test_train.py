@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.fixtures.mlflow_server import free_port
-from tests.helpers.launch import CONFIGS, data_overrides, read_metrics, run_training
+from tests.helpers.launch import CONFIGS, data_overrides, read_metrics, run_script, run_training
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = CONFIGS / "smoke.yaml"
@@ -91,26 +89,7 @@ def test_single_process_with_local_mlflow_store(tmp_path: Path, digits_shards: P
 @pytest.mark.multiprocess
 def test_coatnet5_full_size_is_sharded_by_zero_init(tmp_path: Path) -> None:
     """Each of 2 ranks holds about half of CoAtNet-5's 688M parameters right after construction."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            "2",
-            "--master_port",
-            str(free_port()),
-            str(REPO / "tests" / "helpers" / "zero_partition_probe.py"),
-            str(tmp_path),
-            "coatnet_5",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
+    proc = run_script(REPO / "tests" / "helpers" / "zero_partition_probe.py", str(tmp_path), "coatnet_5")
     assert proc.returncode == 0, proc.stderr[-4000:]
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     full = reports[0]["full"]

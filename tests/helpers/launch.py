@@ -74,3 +74,12 @@ def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
     """(training lines, evaluation lines) of rank 0's metrics.jsonl."""
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [m for m in lines if "loss" in m], [m for m in lines if "eval/top1" in m]
+
+
+def run_script(
+    script: Path | str, *args: str, nproc: int = 2, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """A test's own probe script on `nproc` ranks through torchrun (gloo on CPU), from the repository root."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    cmd = [*launcher_prefix("torchrun", nproc, free_port())[:-1], str(script), *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
