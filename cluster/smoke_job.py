@@ -88,10 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("nccl" if use_cuda else "gloo", timeout=datetime.timedelta(seconds=120))
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
     rank, world = dist.get_rank(), dist.get_world_size()
-    events = EventLog(job.events_file if rank == 0 else None)
+    events = EventLog(job.events_file if rank == 0 and job.events_file else Path(os.devnull))
     cfg.out.mkdir(parents=True, exist_ok=True)
     try:
-        with PreemptionHandler(stop_file=job.stop_file, check_every=cfg.check_every, device=device) as stop:
+        with PreemptionHandler(stop_file=job.stop_file, check_every=cfg.check_every) as stop:
             return _run(cfg, job, stop, events, device, rank, world)
     finally:
         dist.destroy_process_group()

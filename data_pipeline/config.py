@@ -64,8 +64,12 @@ class DataConfig:
         default="auto",
         metadata={"doc": "JPEG decoding device: auto = GPU when the training device is CUDA, else CPU."},
     )
-    output_dtype: Literal["bf16", "fp32"] = field(
-        default="bf16", metadata={"doc": "Dtype of the image batches handed to the model."}
+    output_dtype: Literal["bf16", "fp32"] | None = field(
+        default=None,
+        metadata={
+            "doc": "Dtype of the image batches handed to the model; null: the model's (engine.precision, "
+            "filled in when a training config is loaded), fp32 when a loader is used on its own."
+        },
     )
     on_corrupt: Literal["error", "skip"] = field(
         default="error",

@@ -143,8 +143,8 @@ class TrainLoader(_LabelSpace):
             cfg.randaugment_layers,
             cfg.randaugment_magnitude,
         )
-        self.global_batch = cfg.batch_size * world_size
-        self.seg_steps = segment_steps(dataset.counts, cfg.segment_shards, self.global_batch)
+        self.micro_step_samples = cfg.batch_size * world_size
+        self.seg_steps = segment_steps(dataset.counts, cfg.segment_shards, self.micro_step_samples)
         self._dir = _index_dir(cfg, f"train-r{rank}")
         self._epoch, self._origin, self._cursor = 0, 0, 0
         self._order: EpochOrder | None = None
@@ -161,9 +161,9 @@ class TrainLoader(_LabelSpace):
         return self.dataset.num_samples
 
     @property
-    def steps_per_epoch(self) -> int:
-        """Steps of a full epoch, identical on every rank (the last one padded)."""
-        return math.ceil(self.samples_per_epoch / self.global_batch)
+    def micro_steps_per_epoch(self) -> int:
+        """Micro-batch steps (one batch on every rank) of a full epoch, identical on every rank (the last padded)."""
+        return math.ceil(self.samples_per_epoch / self.micro_step_samples)
 
     @property
     def epoch(self) -> int:
@@ -189,12 +189,12 @@ class TrainLoader(_LabelSpace):
         labels = parse_labels(byte_samples(labels_tl), self.label_kind, self.num_classes, where)
         images = to_torch(images_tl, self.device)  # [B, 3, S, S] float32
         batch_position = (
-            self._origin + (live.first_step + live.done) * self.global_batch + self.rank * self.cfg.batch_size
+            self._origin + (live.first_step + live.done) * self.micro_step_samples + self.rank * self.cfg.batch_size
         )
         live.done += 1
         images, targets = self._targets(images, labels.to(self.device), batch_position)
         self._advance(live)
-        return images.to(OUTPUT_DTYPES[self.cfg.output_dtype]), targets
+        return images.to(OUTPUT_DTYPES[self.cfg.output_dtype or "fp32"]), targets
 
     def _targets(
         self, images: torch.Tensor, labels: torch.Tensor, position: int
@@ -211,7 +211,7 @@ class TrainLoader(_LabelSpace):
         return mix_batch(images, labels, lam)
 
     def _advance(self, live: _LiveSegment) -> None:
-        self._cursor += self.global_batch
+        self._cursor += self.micro_step_samples
         if live.done < live.num_steps:
             return
         self._close_segment()
@@ -221,8 +221,8 @@ class TrainLoader(_LabelSpace):
     def _open_segment(self) -> _LiveSegment:
         if self._order is None or self._order.epoch != self._epoch:
             self._order = EpochOrder(self.dataset.counts, self.seed, self._epoch)
-        step = (self._cursor - self._origin) // self.global_batch
-        total = steps_in_plan(self.dataset.num_samples, self._origin, self.global_batch)
+        step = (self._cursor - self._origin) // self.micro_step_samples
+        total = steps_in_plan(self.dataset.num_samples, self._origin, self.micro_step_samples)
         first = (step // self.seg_steps) * self.seg_steps
         count = min(self.seg_steps, total - first)
         positions = rank_positions(
@@ -407,7 +407,7 @@ class EvalLoader(_LabelSpace):
                     byte_samples(labels_tl), self.label_kind, self.num_classes, str(self.dataset.root)
                 )
                 valid = torch.from_numpy(self.valid[step * batch : (step + 1) * batch].copy())
-                images = to_torch(images_tl, self.device).to(OUTPUT_DTYPES[self.cfg.output_dtype])
+                images = to_torch(images_tl, self.device).to(OUTPUT_DTYPES[self.cfg.output_dtype or "fp32"])
                 yield images, labels.to(self.device), valid.to(self.device)
         finally:
             del pipe

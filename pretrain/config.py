@@ -21,6 +21,7 @@ from pretrain.configlib import (
     doc,
     dump_yaml,
     field_docs,
+    flatten,
     merge_into,
     parse_overrides,
     read_yaml_tree,
@@ -155,7 +156,9 @@ class CheckpointConfig:
 @dataclass
 class InitConfig:
     path: str | None = doc(
-        "Initialise the model from an exported .safetensors file or a checkpoint folder (fine-tuning).", None
+        "Initialise the model from an exported .safetensors file (coatnet-export, or a run's "
+        "ema.safetensors) for fine-tuning; checkpoint folders are not accepted (they hold pickles).",
+        None,
     )
     reset_head: bool = doc("Drop the classifier of the loaded weights and initialise a new one.", True)
 
@@ -229,29 +232,54 @@ def _check_consistency(cfg: TrainConfig, origin: dict[str, str], path: str) -> N
             "checkpoint.resume",
             f"'auto', 'never' or an existing checkpoint folder; {cfg.checkpoint.resume} does not exist",
         )
-    if cfg.init.path is not None and not Path(cfg.init.path).exists():
-        fail("init.path", f"{cfg.init.path} does not exist")
-    if cfg.data.output_dtype != cfg.engine.precision:
+    if cfg.init.path is not None:
+        init = Path(cfg.init.path)
+        if not init.exists():
+            fail("init.path", f"{init} does not exist")
+        if init.is_dir() or init.suffix != ".safetensors":
+            fail(
+                "init.path",
+                f"{init} is not a .safetensors export; run `coatnet-export {init} OUT.safetensors` first "
+                "and set init.path=OUT.safetensors",
+            )
+    if cfg.data.output_dtype is None:
+        cfg.data.output_dtype = (
+            cfg.engine.precision
+        )  # derived: the model takes its input in its own precision
+    elif cfg.data.output_dtype != cfg.engine.precision:
         fail(
             "data.output_dtype",
             f"{cfg.data.output_dtype!r} differs from engine.precision={cfg.engine.precision!r}; "
-            "the model takes its input in its own precision",
+            "leave it unset (null) to follow engine.precision",
         )
+    if cfg.ema.decay > 0 and cfg.engine.zero_stage != 3:
+        fail("ema.decay", f"{cfg.ema.decay} needs engine.zero_stage=3 (the EMA is kept on ZeRO-3 partitions)")
     gb = cfg.engine.global_batch_size
     if gb is not None and gb % cfg.data.batch_size:
         fail("engine.global_batch_size", f"{gb} is not a multiple of data.batch_size={cfg.data.batch_size}")
 
 
-def resume_hash(cfg: TrainConfig) -> str:
-    """Hash of the config fields a resumed run must share with the run that saved the checkpoint."""
+def resume_invariants(cfg: TrainConfig) -> dict[str, object]:
+    """The values of RESUME_INVARIANT_KEYS, flattened to dotted keys (`model.dims`, `run.seed`, ...).
+
+    Saved in every checkpoint's manifest; a resume compares them key by key and names each change.
+    """
     tree = to_tree(cfg)
-    picked = {}
+    picked: dict[str, object] = {}
     for key in RESUME_INVARIANT_KEYS:
         node = tree
         for part in key.split("."):
             node = node[part]
-        picked[key] = node
-    return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()[:16]
+        if isinstance(node, dict):
+            picked.update({f"{key}.{k}": v for k, v in flatten(node).items()})
+        else:
+            picked[key] = node
+    return picked
+
+
+def resume_hash(cfg: TrainConfig) -> str:
+    """Hash of the config fields a resumed run must share with the run that saved the checkpoint."""
+    return hashlib.sha256(json.dumps(resume_invariants(cfg), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def config_docs_markdown() -> str:

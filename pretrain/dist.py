@@ -1,9 +1,20 @@
-"""Who am I in the job: rank, world size, local rank, whatever started the process.
+"""Who am I in the job (rank, world size, local rank, launcher), and every collective the project runs.
 
-This is the one module that knows about ranks. It reads the launcher's environment
-(the `deepspeed` launcher, torchrun, `srun` without a launcher, or a plain single process),
-decides who prints and who tracks, and wraps the few collectives the trainer needs so that
-they also work, as no-ops, in a single process without a process group.
+This is the one module that imports `torch.distributed` (tests/test_boundaries.py walks the AST of
+pretrain/ and data_pipeline/ to keep it so). It reads the launcher's environment (the `deepspeed`
+launcher, torchrun, `srun` without a launcher, or a plain single process), joins the process group, and
+wraps the collectives the project needs so that they also work, as no-ops, in one process without a group.
+
+Device correctness by construction: NCCL reduces only CUDA tensors, gloo only CPU ones, and gloo accepts
+what NCCL refuses, so a CPU test proves nothing about a GPU cluster. Every tensor helper here therefore
+moves its argument to the communication device of the backend (`comm_device()`), runs the collective
+there, and hands the result back on the caller's device; `_require_comm_device` checks the tensor that
+reaches `torch.distributed`, on CPU runs too. Host-device syncs: a helper that returns a Python value
+(`.item()` by the caller, object collectives) waits for the GPU; tensor helpers do not by themselves.
+
+Decisions that every rank must share (does the run folder exist, which checkpoint to resume, did a
+conversion fail) are taken once, on rank 0, through `leader_decides`: the others receive the same answer
+or the same error, so no rank waits in a collective for a rank that already failed.
 """
 
 from __future__ import annotations
@@ -11,10 +22,14 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+import torch.distributed as _dist
+
+T = TypeVar("T")
 
 # Port used when a job started by `srun` alone does not name one (any free port agreed on by all ranks).
 DEFAULT_MASTER_PORT = 29500
@@ -118,12 +133,19 @@ def _first_slurm_host(nodelist: str) -> str:
 
 
 def accelerator_name() -> str:
-    """'cuda' when a GPU is usable, else 'cpu': the single place the trainer picks its device kind."""
+    """'cuda' or 'cpu': the single place the project picks its device kind.
+
+    `DS_ACCELERATOR` (DeepSpeed's own switch) wins when set, so `DS_ACCELERATOR=cpu` runs on the CPU
+    of a GPU machine; otherwise CUDA when a GPU is usable.
+    """
+    forced = os.environ.get("DS_ACCELERATOR", "")
+    if forced in ("cpu", "cuda"):
+        return forced
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def device_for(info: RankInfo) -> torch.device:
-    """This rank's device. On CPUs, also its share of the cores (see below)."""
+    """This rank's device (selected as the current CUDA device). On CPUs, also its share of the cores."""
     if accelerator_name() == "cuda":
         torch.cuda.set_device(info.local_rank)
         return torch.device("cuda", info.local_rank)
@@ -134,72 +156,143 @@ def device_for(info: RankInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(info: RankInfo, timeout_minutes: int) -> None:
-    """Join the process group (NCCL on GPUs, gloo on CPUs); also fine for a single process."""
+def init_distributed(info: RankInfo, timeout_minutes: int) -> torch.device:
+    """Select this rank's device, then join the process group (NCCL on GPUs, gloo on CPUs). Returns the device.
+
+    The device comes first: NCCL binds a communicator to the current CUDA device when the group is
+    created, and every rank left on cuda:0 would put all of a node's communicators on one GPU.
+    """
     # DeepSpeed picks its accelerator at import; name it so a CPU machine never probes for CUDA plugins.
     os.environ.setdefault("DS_ACCELERATOR", accelerator_name())
+    device = device_for(info)
     import deepspeed  # heavy import, only where it is needed
 
     _export_env(info)
     deepspeed.init_distributed(
-        dist_backend="nccl" if accelerator_name() == "cuda" else "gloo",
+        dist_backend="nccl" if device.type == "cuda" else "gloo",
         timeout=datetime.timedelta(minutes=timeout_minutes),
         verbose=False,
     )
+    return device
 
 
 def is_initialized() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+    return _dist.is_available() and _dist.is_initialized()
+
+
+def world_size() -> int:
+    """Ranks in the process group (1 without one)."""
+    return _dist.get_world_size() if is_initialized() else 1
+
+
+def rank() -> int:
+    return _dist.get_rank() if is_initialized() else 0
+
+
+def _grouped() -> bool:
+    return is_initialized() and _dist.get_world_size() > 1
+
+
+def comm_device(backend: str | None = None) -> torch.device:
+    """Where tensors must be for the backend's collectives: the current CUDA device under NCCL, else CPU."""
+    backend = backend or (_dist.get_backend() if is_initialized() else "gloo")
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _require_comm_device(tensor: torch.Tensor, backend: str | None = None) -> None:
+    """Internal invariant: the tensor handed to torch.distributed is on the backend's device."""
+    wanted = comm_device(backend)
+    if tensor.device.type != wanted.type:
+        raise RuntimeError(
+            f"collective on a {tensor.device.type} tensor, but the {backend or _dist.get_backend()} "
+            f"backend needs {wanted.type} tensors (a pretrain.dist helper should have moved it)"
+        )
+
+
+def _reduce(tensor: torch.Tensor, op) -> torch.Tensor:
+    if not _grouped():
+        return tensor
+    work = tensor.to(comm_device())  # no copy when it is there already
+    _require_comm_device(work)
+    _dist.all_reduce(work, op=op)
+    if work is not tensor:
+        tensor.copy_(work)
+    return tensor
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, in place; identity without a process group. A host-device sync point on GPUs."""
-    if is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-    return tensor
+    """Sum over ranks, in place on the caller's tensor (any device); identity without a process group."""
+    return _reduce(tensor, _dist.ReduceOp.SUM)
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    if is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
-    return tensor
+    """Maximum over ranks, in place on the caller's tensor (any device)."""
+    return _reduce(tensor, _dist.ReduceOp.MAX)
 
 
-def broadcast_object(obj, src: int = 0):
-    """Rank `src`'s Python object on every rank (small objects only: pickled)."""
-    if not (is_initialized() and torch.distributed.get_world_size() > 1):
+def any_rank(flag: bool, device: torch.device | None = None) -> bool:
+    """True on every rank when `flag` is True on at least one. A host-device sync point on GPUs."""
+    if not _grouped():
+        return flag
+    box = torch.tensor([int(flag)], dtype=torch.int32, device=device or comm_device())
+    return bool(all_reduce_max(box).item())
+
+
+def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's equally sized tensor, concatenated in rank order (flat), on the caller's device."""
+    if not _grouped():
+        return tensor.reshape(-1)
+    work = tensor.reshape(-1).to(comm_device())
+    _require_comm_device(work)
+    out = work.new_empty(work.numel() * _dist.get_world_size())
+    _dist.all_gather_into_tensor(out, work)
+    return out.to(tensor.device)
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank `src`'s Python object on every rank (small objects only: pickled, on the comm device)."""
+    if not _grouped():
         return obj
     box = [obj]
-    torch.distributed.broadcast_object_list(box, src=src)
+    _dist.broadcast_object_list(box, src=src, device=comm_device())
     return box[0]
 
 
 def all_gather_object(obj) -> list:
-    if not (is_initialized() and torch.distributed.get_world_size() > 1):
+    """Every rank's small Python object, in rank order."""
+    if not _grouped():
         return [obj]
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
+    out = [None] * _dist.get_world_size()
+    _dist.all_gather_object(out, obj)  # uses the current CUDA device under NCCL by itself
     return out
 
 
-def world_size() -> int:
-    return torch.distributed.get_world_size() if is_initialized() else 1
+def leader_decides(decide: Callable[[], T]) -> T:
+    """Run `decide()` on rank 0 only and give its result to every rank (collective).
 
-
-def all_gather_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """Every rank's equally sized tensor, concatenated in rank order (flat)."""
-    if not (is_initialized() and torch.distributed.get_world_size() > 1):
-        return tensor.reshape(-1)
-    out = tensor.new_empty(tensor.numel() * torch.distributed.get_world_size())
-    torch.distributed.all_gather_into_tensor(out, tensor.reshape(-1))
-    return out
+    When it raises, every rank raises the same exception (pickled between our own processes), so that
+    all ranks fail at once with one message instead of rank 0 failing while the others wait for the
+    collective timeout.
+    """
+    outcome: tuple[bool, object] = (True, None)
+    if rank() == 0:
+        try:
+            outcome = (True, decide())
+        except Exception as exc:
+            outcome = (False, exc)
+    ok, value = broadcast_object(outcome)
+    if not ok:
+        raise value  # type: ignore[misc]
+    return value  # type: ignore[return-value]
 
 
 def barrier() -> None:
-    if is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.barrier()
+    if _grouped():
+        _dist.barrier()
 
 
 def destroy() -> None:
     if is_initialized():
-        torch.distributed.destroy_process_group()
+        _dist.destroy_process_group()

@@ -25,19 +25,46 @@ from pretrain import dist
 log = logging.getLogger(__name__)
 
 
+class NoEma:
+    """What the trainer holds when `ema.decay` is 0: every method does nothing."""
+
+    decay = 0.0
+    ready = False
+
+    def update(self, step: int) -> None:
+        pass
+
+    def state_dict(self) -> None:
+        return None
+
+    def load_state_dict(self, state: dict | None) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def swapped_in(self) -> Iterator[None]:
+        raise AssertionError("no EMA to swap in (check `ready`)")
+        yield
+
+
 class ShardedEma:
-    def __init__(self, model: torch.nn.Module, decay: float, every: int):
+    """The EMA of a ZeRO-3 model (config validation ensures `engine.zero_stage` is 3 when it is used)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, every: int, world_size: int):
         from deepspeed.utils import safe_get_local_fp32_param
 
         self._local = safe_get_local_fp32_param
         self.model = model
         self.decay = decay
         self.every = every
+        self.world_size = world_size
         self.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        missing = [n for n, p in self.params if not hasattr(p, "ds_id")]
-        if missing:
-            raise ValueError("ema.decay > 0 needs engine.zero_stage 3 (the EMA is kept on ZeRO-3 partitions)")
+        assert all(hasattr(p, "ds_id") for _, p in self.params), "ShardedEma needs ZeRO-3 parameters"
         self.shadow: list[torch.Tensor] | None = None  # created at the first update (after the optimizer)
+
+    @property
+    def ready(self) -> bool:
+        """Whether there is an EMA to evaluate or export (after the first optimizer step)."""
+        return self.shadow is not None
 
     def _master(self) -> list[torch.Tensor]:
         return [self._local(p).float() for _, p in self.params]
@@ -55,19 +82,19 @@ class ShardedEma:
 
     def state_dict(self) -> dict:
         return {
-            "world_size": dist.world_size(),
+            "world_size": self.world_size,
             "names": [n for n, _ in self.params],
             "shadow": [t.cpu() for t in self.shadow] if self.shadow is not None else None,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        if state["shadow"] is None:
+    def load_state_dict(self, state: dict | None) -> None:
+        if state is None or state["shadow"] is None:
             return
-        if state["world_size"] != dist.world_size() or state["names"] != [n for n, _ in self.params]:
+        if state["world_size"] != self.world_size or state["names"] != [n for n, _ in self.params]:
             log.warning(
                 "EMA saved at world size %d does not fit %d ranks: it restarts from the current weights",
                 state["world_size"],
-                dist.world_size(),
+                self.world_size,
             )
             self.shadow = None
             return

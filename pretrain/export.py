@@ -6,10 +6,9 @@ exported file (CoAtNet-7: 9.8 GB in fp32, 4.9 GB in bf16). BatchNorm buffers com
 the trainer averages them over ranks before every save (`pretrain.checkpoint.average_batchnorm_stats`),
 so they describe the data of all ranks.
 
-Next to OUT.safetensors, OUT.json holds what a fine-tune needs to rebuild the model:
-
-    {"model": {"name": "coatnet_0", "config": {...CoAtNetConfig...}}, "step": 1000, "image_size": 224,
-     "num_classes": 1000, "label_kind": "single", "class_names": [...], "dtype": "float32", ...}
+Next to OUT.safetensors, OUT.json holds what a fine-tune needs to rebuild and feed the model: the
+checkpoint's model card (`pretrain.card`: model name and config, image size, classes, label kind, step,
+preprocessing) plus `dtype`, `tensors`, `source` and `saved_world_size`.
 
 `pretrain.model.create_model_from_config(sidecar["model"]["config"])` rebuilds the model, and
 `load_state_dict(safetensors.torch.load_file(OUT), strict=True)` loads the weights.
@@ -20,11 +19,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 import torch
 
+from pretrain.card import check_card
 from pretrain.checkpoint import (
     MANIFEST,
     TAG_RE,
@@ -76,21 +77,11 @@ def consolidated_state_dict(tag_dir: Path, dtype: torch.dtype = torch.float32) -
 
 
 def sidecar(tag_dir: Path, dtype_name: str, num_tensors: int) -> dict:
-    """The JSON written next to the weights, from the checkpoint's manifest (written by the trainer)."""
+    """The JSON written next to the weights: the checkpoint's model card plus this file's own fields."""
     manifest = read_manifest(tag_dir)
-    meta = manifest.get("meta") or {}
-    missing = [k for k in ("model", "image_size", "num_classes", "class_names") if k not in meta]
-    if missing:
-        raise ValueError(f"{tag_dir / MANIFEST}: meta lacks {missing} (saved by an older trainer?)")
+    card = check_card((manifest.get("meta") or {}).get("card") or {}, str(tag_dir / MANIFEST))
     return {
-        "format": SIDECAR_FORMAT,
-        "model": meta["model"],
-        "step": manifest["step"],
-        "image_size": meta["image_size"],
-        "num_classes": meta["num_classes"],
-        "label_kind": meta.get("label_kind", "single"),
-        "class_names": meta["class_names"],
-        "samples_seen": meta.get("samples_seen"),
+        **card,
         "dtype": dtype_name,
         "tensors": num_tensors,
         "source": str(tag_dir.resolve()),
@@ -103,10 +94,22 @@ def sidecar_path(out: Path) -> Path:
     return out.with_suffix(".json")
 
 
-def export(checkpoint: Path, out: Path, *, dtype_name: str = "fp32", verify: bool = True) -> dict:
-    """Write `out` (safetensors) and its JSON sidecar from a committed checkpoint. Returns the sidecar."""
+def export(
+    checkpoint: Path, out: Path, *, dtype_name: str = "fp32", verify: bool = True, force: bool = False
+) -> dict:
+    """Write `out` (safetensors) and its JSON sidecar from a committed checkpoint. Returns the sidecar.
+
+    An existing `out` is replaced only with `force`; the weights are written under a temporary name that
+    is removed whatever happens, and renamed into place only when complete.
+    """
     from safetensors.torch import save_file
 
+    if out.is_dir():
+        raise ValueError(f"{out}: is a folder; give the path of the .safetensors file to write")
+    if out.suffix != ".safetensors":
+        raise ValueError(f"{out}: the output must end in .safetensors")
+    if not force and (out.exists() or sidecar_path(out).exists()):
+        raise ValueError(f"{out}: exists already; pass --force to replace it")
     tag_dir = resolve_checkpoint(checkpoint)
     if verify:
         bad = checksum_mismatches(tag_dir)
@@ -115,12 +118,22 @@ def export(checkpoint: Path, out: Path, *, dtype_name: str = "fp32", verify: boo
     tensors = consolidated_state_dict(tag_dir, DTYPES[dtype_name])
     info = sidecar(tag_dir, dtype_name, len(tensors))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     header = {"model": info["model"]["name"], "step": str(info["step"]), "sidecar": sidecar_path(out).name}
-    save_file(tensors, str(tmp), metadata=header)
-    tmp.replace(out)  # never a half-written OUT under its final name
-    sidecar_path(out).write_text(json.dumps(info, indent=1) + "\n")
+    try:
+        save_file(tensors, str(tmp), metadata=header)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors leaves 0600; exports are for sharing
+        sidecar_path(out).write_text(json.dumps(info, indent=1) + "\n")
+        tmp.replace(out)  # never a half-written OUT under its final name
+    finally:
+        tmp.unlink(missing_ok=True)
     return info
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,11 +143,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out", type=Path, help="OUT.safetensors (the sidecar goes to OUT.json)")
     parser.add_argument("--bf16", action="store_true", help="store floating-point tensors in bfloat16")
     parser.add_argument("--no-verify", action="store_true", help="skip recomputing the manifest's checksums")
+    parser.add_argument("--force", action="store_true", help="replace OUT (and its sidecar) if it exists")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname).1s %(name)s: %(message)s")
     try:
         info = export(
-            args.checkpoint, args.out, dtype_name="bf16" if args.bf16 else "fp32", verify=not args.no_verify
+            args.checkpoint,
+            args.out,
+            dtype_name="bf16" if args.bf16 else "fp32",
+            verify=not args.no_verify,
+            force=args.force,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"coatnet-export: {exc}", file=sys.stderr)

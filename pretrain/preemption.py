@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-import torch
-import torch.distributed as dist
+from pretrain import dist
 
 # Exit status meaning "a checkpoint was saved because a stop was requested: requeue me".
 # cluster/launch.sh mirrors this value; keep them equal.
@@ -77,13 +76,11 @@ class PreemptionHandler:
         signals: Iterable[signal.Signals] = DEFAULT_SIGNALS,
         stop_file: Path | None = None,
         check_every: int = 10,
-        device: torch.device | str | None = None,
     ) -> None:
         if check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {check_every}")
         self.stop_file = stop_file
         self.check_every = check_every
-        self._device = device
         self._signal: int | None = None  # set from the signal handler: the only thing it does
         self._reason: str | None = None
         self._stop_step: int | None = None
@@ -147,19 +144,7 @@ class PreemptionHandler:
         return None
 
     def _agree(self, local: bool) -> bool:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return local
-        flag = torch.tensor([int(local)], dtype=torch.int32, device=self._flag_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def _flag_device(self) -> torch.device:
-        if self._device is not None:
-            return torch.device(self._device)
-        # NCCL reduces only GPU tensors; gloo only CPU ones
-        if dist.get_backend() == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return torch.device("cpu")
+        return dist.any_rank(local)  # on the backend's device: NCCL reduces only GPU tensors
 
 
 # ---------------------------------------------------------------------------------------------------- events
@@ -178,17 +163,15 @@ class EventLog:
     Shell events (cluster/launch.sh): ``start`` (each time the job starts, restart=N), ``signal`` (Slurm's
     warning arrived), ``end`` (rc=N), ``requeue``. Trainer events (rank 0): ``checkpoint`` (step=N, once a
     checkpoint is committed), ``stop`` (step=N, checkpoint saved on a stop request), ``resumed`` (step=N,
-    the first step completed after loading a checkpoint). With no path every call is a no-op, so the
-    trainer can record unconditionally.
+    the first step completed after loading a checkpoint). The trainer reaches it through its RunDir, which
+    records on rank 0 only.
     """
 
-    def __init__(self, path: Path | None) -> None:
+    def __init__(self, path: Path) -> None:
         self.path = path
 
     def record(self, name: str, **fields: object) -> None:
         """Append one event stamped with the current wall-clock time."""
-        if self.path is None:
-            return
         if not name or any(c.isspace() for c in name):
             raise ValueError(f"event name must be one word, got {name!r}")
         parts = [f"{time.time():.6f}", name] + [f"{k}={_one_word(k, v)}" for k, v in fields.items()]
@@ -198,7 +181,7 @@ class EventLog:
 
     def read(self) -> list[Event]:
         """All events in file order; [] when there is no file yet."""
-        if self.path is None or not self.path.exists():
+        if not self.path.exists():
             return []
         return [
             _parse_event(self.path, n, line)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import subprocess
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pretrain.config import TrackingConfig
 from pretrain.dist import RankInfo
@@ -23,6 +24,21 @@ from pretrain.dist import RankInfo
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+
+
+class Tracker(Protocol):
+    """What the trainer calls; MlflowTracker on rank 0, NullTracker elsewhere."""
+
+    run_id: str | None
+
+    def start(
+        self, *, run_id: str | None, run_name: str, params: dict[str, Any], tags: dict[str, str]
+    ) -> None: ...
+    def wait_started(self, timeout_s: float) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
+    def close(self, status: str = "FINISHED") -> None: ...
 
 
 class NullTracker:
@@ -195,3 +211,14 @@ def build_tracker(cfg: TrackingConfig, info: RankInfo, run_dir: Path) -> MlflowT
         timeout_s=cfg.timeout_s,
         queue_size=cfg.queue_size,
     )
+
+
+def git_commit() -> str:
+    """The commit of the code that runs (a tag of every run), or 'unknown' outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"

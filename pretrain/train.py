@@ -59,16 +59,16 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(dump_yaml(cfg))
         return 0
 
+    from pretrain.run_dir import RunRefused
     from pretrain.trainer import Trainer  # heavy imports (deepspeed, DALI) only for a real run
 
-    # torch 2.13 warns on every ZeRO-3 step that DeepSpeed calls a renamed collective; nothing for users to do.
-    warnings.filterwarnings(
-        "ignore", message=r".*reduce_scatter_tensor.* is deprecated", category=FutureWarning
-    )
+    # torch 2.13 warns on every ZeRO-3 step that DeepSpeed calls renamed collectives (all_gather_into_tensor,
+    # reduce_scatter_tensor); nothing for users to do.
+    warnings.filterwarnings("ignore", message=r".*_tensor.* is deprecated", category=FutureWarning)
 
     try:
         trainer = Trainer.build(cfg)
-    except (ConfigError, FileNotFoundError) as exc:
+    except (ConfigError, FileNotFoundError, RunRefused) as exc:
         print(f"coatnet-train: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     try:

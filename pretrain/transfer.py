@@ -1,4 +1,4 @@
-"""Initial weights for fine-tuning: an exported .safetensors file or a committed pre-training checkpoint.
+"""Initial weights for fine-tuning: an exported .safetensors file (`coatnet-export`, or a run's ema.safetensors).
 
 Loaded after the model is built (under zero.Init) and before the DeepSpeed engine exists, so that the
 optimizer's fp32 master weights start from the loaded values. The state dict is adapted to the model:
@@ -48,18 +48,19 @@ class LoadReport:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Weights of an export (.safetensors) or of a committed checkpoint folder (consolidated in fp32)."""
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise ValueError(f"init.path: {path} is neither a .safetensors export nor a checkpoint folder")
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+    """Weights of an export (.safetensors: tensors only, nothing in it can run code)."""
     if path.is_dir():
-        from pretrain.export import consolidated_state_dict, resolve_checkpoint
+        raise ValueError(
+            f"init.path: {path} is a folder; initial weights come from an export: "
+            f"run `coatnet-export {path} OUT.safetensors` and set init.path=OUT.safetensors"
+        )
+    if not path.is_file():
+        raise FileNotFoundError(f"init.path: {path} does not exist")
+    if path.suffix != ".safetensors":
+        raise ValueError(f"init.path: {path} is not a .safetensors export (see coatnet-export)")
+    from safetensors.torch import load_file
 
-        return consolidated_state_dict(resolve_checkpoint(path))
-    raise FileNotFoundError(f"init.path: {path} does not exist")
+    return load_file(str(path))
 
 
 def _full_shape(tensor: torch.Tensor) -> torch.Size:

@@ -7,7 +7,6 @@ test_checkpoint_resume.py. Here a small file-writing engine stands in for DeepSp
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -23,15 +22,12 @@ from pretrain.checkpoint import (
     Committed,
     _fault_point,
     _owner_rank,
-    batchnorm_state,
-    load_batchnorm_state,
     read_manifest,
     structural_problem,
     tag_for,
 )
 from pretrain.config import CheckpointConfig
 from pretrain.export import resolve_checkpoint
-from pretrain.model import create_model
 
 SINGLE = dist.RankInfo(rank=0, world_size=1, local_rank=0, local_world_size=1, launcher="single")
 MODEL_FILE = "zero_pp_rank_0_mp_rank_00_model_states.pt"
@@ -65,8 +61,8 @@ def test_save_commits_manifest_with_sizes_checksums_meta_and_pointer(tmp_path: P
     assert set(manifest["files"]) == {MODEL_FILE, OPTIM_FILE}
     assert manifest["files"][OPTIM_FILE]["bytes"] == 1 << 16
     assert (tmp_path / POINTER).read_text().strip() == tag_for(7)
-    assert mgr.find_resume() == Committed(7, path)
-    mgr.verify(Committed(7, path))  # checksums recomputed: no error
+    assert mgr.candidates() == [Committed(7, path)]
+    assert mgr.verify(path) == []  # checksums recomputed: no error
     assert not [p for p in path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
 
 
@@ -81,7 +77,7 @@ def test_incomplete_checkpoints_are_ignored_and_named(
     truncated.write_bytes(truncated.read_bytes()[:100])
     (tmp_path / tag_for(20) / MODEL_FILE).unlink()
     with caplog.at_level(logging.WARNING, logger="pretrain.checkpoint"):
-        assert mgr.find_resume() == Committed(10, tmp_path / tag_for(10))
+        assert mgr.candidates() == [Committed(10, tmp_path / tag_for(10))]
     text = caplog.text
     assert f"{tag_for(40)}: no MANIFEST.json" in text
     assert f"{tag_for(30)}: {OPTIM_FILE} has 100 bytes, the manifest says 65536" in text
@@ -95,8 +91,7 @@ def test_a_flipped_byte_fails_verification_naming_the_file(tmp_path: Path) -> No
     data[1000] ^= 0xFF  # same size: only the checksum can tell
     (path / OPTIM_FILE).write_bytes(bytes(data))
     assert structural_problem(path) is None
-    with pytest.raises(ValueError, match=f"fails its checksums \\({OPTIM_FILE}\\)"):
-        mgr.verify(Committed(5, path))
+    assert mgr.verify(path) == [OPTIM_FILE]
 
 
 def test_retention_keeps_last_k_and_every_mth_and_drops_universal_and_debris(tmp_path: Path) -> None:
@@ -118,19 +113,65 @@ def test_a_partial_save_at_the_same_step_is_replaced_and_a_committed_one_is_kept
     path = mgr.save(FileWritingEngine(), 10, {})
     assert set(read_manifest(path)["files"]) == {MODEL_FILE, OPTIM_FILE}  # the stale rank-7 file is gone
     before = (path / MANIFEST).read_text()
-    mgr.save(FileWritingEngine(optim_bytes=10), 10, {})  # e.g. a preemption right after a periodic save
+    assert mgr.holds(10)
+    assert mgr.save(FileWritingEngine(optim_bytes=10), 10, {}) is None  # e.g. a stop right after a save
     assert (path / MANIFEST).read_text() == before
+    # Another job that redoes step 10 (resumed on purpose from an earlier one) keeps the old one aside.
+    again = manager(tmp_path).save(FileWritingEngine(optim_bytes=10), 10, {})
+    assert read_manifest(again)["files"][OPTIM_FILE]["bytes"] == 10
+    (aside,) = tmp_path.glob(tag_for(10) + ".superseded-*")
+    assert (aside / MANIFEST).read_text() == before
 
 
 def test_resume_setting_never_or_an_explicit_folder(tmp_path: Path) -> None:
     mgr = manager(tmp_path)
     path = mgr.save(FileWritingEngine(), 3, {})
-    assert manager(tmp_path, resume="never").find_resume() is None
-    assert manager(tmp_path / "elsewhere", resume=str(path)).find_resume() == Committed(3, path)
+    assert manager(tmp_path, resume="never").candidates() == []
+    assert manager(tmp_path, resume="never").select({}) is None
+    assert manager(tmp_path / "elsewhere", resume=str(path)).candidates() == [Committed(3, path)]
     (path / MANIFEST).unlink()
     with pytest.raises(ValueError, match=r"checkpoint.resume=.*not a committed checkpoint \(no MANIFEST"):
-        manager(tmp_path, resume=str(path)).find_resume()
-    assert manager(tmp_path).find_resume() is None
+        manager(tmp_path, resume=str(path)).candidates()
+    assert manager(tmp_path).candidates() == []
+
+
+INVARIANTS = {"run.seed": 0, "data.batch_size": 32, "model.dims": [16, 32]}
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray((path / OPTIM_FILE).read_bytes())
+    data[100] ^= 0x01
+    (path / OPTIM_FILE).write_bytes(bytes(data))
+
+
+def test_select_sets_a_corrupt_newest_checkpoint_aside_and_resumes_from_the_previous(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    mgr = manager(tmp_path, keep_last=5)
+    for step in (10, 20):
+        mgr.save(FileWritingEngine(), step, {}, meta={"resume_invariants": INVARIANTS})
+    _flip_a_byte(tmp_path / tag_for(20))
+    with caplog.at_level(logging.ERROR, logger="pretrain.checkpoint"):
+        point = manager(tmp_path).select(INVARIANTS)
+    assert point.ckpt == Committed(10, tmp_path / tag_for(10)) and not point.universal
+    assert f"{tag_for(20)} FAILS ITS CHECKSUMS ({OPTIM_FILE})" in caplog.text
+    (aside,) = tmp_path.glob(tag_for(20) + ".corrupt-*")  # kept for a person, not deleted
+    assert (aside / MANIFEST).exists() and not (tmp_path / tag_for(20)).exists()
+    # Named explicitly, a corrupt checkpoint stops the run instead.
+    _flip_a_byte(tmp_path / tag_for(10))
+    with pytest.raises(ValueError, match=f"checkpoint.resume=.*fails its checksums \\({OPTIM_FILE}\\)"):
+        manager(tmp_path, resume=str(tmp_path / tag_for(10))).select(INVARIANTS)
+    assert manager(tmp_path).select(INVARIANTS) is None  # nothing verified is left: a fresh start
+
+
+def test_select_names_every_changed_invariant(tmp_path: Path) -> None:
+    manager(tmp_path).save(FileWritingEngine(), 4, {}, meta={"resume_invariants": INVARIANTS})
+    changed = {**INVARIANTS, "data.batch_size": 64, "model.dims": [16, 64]}
+    with pytest.raises(ValueError) as err:
+        manager(tmp_path).select(changed)
+    assert "data.batch_size: 32 -> 64" in str(err.value) and "model.dims: [16, 32] -> [16, 64]" in str(err.value)
+    assert "run.seed" not in str(err.value)
+    assert manager(tmp_path).select(INVARIANTS).ckpt.step == 4
 
 
 def test_export_refuses_incomplete_or_missing_checkpoints(tmp_path: Path) -> None:
@@ -155,25 +196,6 @@ def test_fault_injection_setting_is_checked(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("COATNET_CHECKPOINT_FAULT", "written:1")
     _fault_point("written", 0)  # another rank: nothing happens
     _fault_point("hashed", 1)  # another point: nothing happens
-
-
-TINY = {"depths": [1, 1, 1, 1, 1], "dims": [16, 16, 32, 64, 128], "head_dim": 16}
-
-
-def test_batchnorm_state_round_trip() -> None:
-    torch.manual_seed(0)
-    model = create_model("coatnet_0", num_classes=10, image_size=32, **TINY)
-    model.train()
-    model(torch.randn(4, 3, 32, 32))  # moves the running statistics away from their initial values
-    saved = batchnorm_state(model)
-    assert saved and all(".running_mean" in k or ".running_var" in k or "num_batches" in k for k in saved)
-    fresh = create_model("coatnet_0", num_classes=10, image_size=32, **TINY)
-    load_batchnorm_state(fresh, saved)
-    buffers = dict(fresh.named_buffers())
-    assert all(torch.equal(buffers[k], v) for k, v in saved.items())
-    with pytest.raises(ValueError, match="do not exist in this model"):
-        load_batchnorm_state(fresh, {"nowhere.running_mean": torch.zeros(1)})
-    json.dumps({k: v.tolist() for k, v in saved.items()})  # plain tensors, nothing model-specific
 
 
 def test_each_rank_seals_the_files_it_wrote() -> None:

@@ -45,7 +45,7 @@ def epoch_ids(dataset: Path, **kw) -> tuple[list[str], object]:
     loader = build_train_loader(cfg, image_size=32, rank=0, world_size=1, seed=0, device=CPU)
     ids = []
     try:
-        for _ in range(loader.steps_per_epoch):
+        for _ in range(loader.micro_steps_per_epoch):
             images, _ = next(loader)
             assert images.shape[0] == 8
             ids.extend(loader.last_ids)
@@ -115,7 +115,7 @@ def test_skip_mode_resumes_exactly_around_a_corrupt_sample(digit_wds, copy_datas
         return [(next(loader)[0].clone(), list(loader.last_ids)) for _ in range(n)]
 
     ref = build_train_loader(cfg, **kw)
-    total = ref.steps_per_epoch
+    total = ref.micro_steps_per_epoch
     expected = batches(ref, total)
     assert len(ref.skipped) == 1
     ref.close()

@@ -149,7 +149,7 @@ def test_index_published_read_only_shards(digit_wds, tmp_path, kind):
     cfg = DataConfig(train=str(tmp_path / "indexed"), batch_size=4, num_threads=1, output_dtype="fp32")
     loader = build_train_loader(cfg, image_size=32, rank=0, world_size=1, seed=0, device=torch.device("cpu"))
     seen = set()
-    for _ in range(loader.steps_per_epoch):
+    for _ in range(loader.micro_steps_per_epoch):
         images, labels = next(loader)
         seen.update(loader.last_ids)
         assert torch.isfinite(images).all() and labels.max() < manifest.num_classes

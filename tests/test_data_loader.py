@@ -37,7 +37,7 @@ def run_epoch(cfg: DataConfig, rank: int, world: int, seed: int = 1) -> list[lis
     loader = build_train_loader(cfg, image_size=SIZE, rank=rank, world_size=world, seed=seed, device=CPU)
     try:
         batches = []
-        for _ in range(loader.steps_per_epoch):
+        for _ in range(loader.micro_steps_per_epoch):
             next(loader)
             batches.append(loader.last_ids)
         assert loader.epoch == 1
@@ -55,11 +55,11 @@ RANK_SCRIPT = textwrap.dedent(
     cfg = DataConfig(train=train, batch_size=8, num_threads=1, output_dtype="fp32", segment_shards=2)
     loader = build_train_loader(cfg, image_size=32, rank=rank, world_size=world, seed=5, device=torch.device("cpu"))
     batches = []
-    for _ in range(loader.steps_per_epoch):
+    for _ in range(loader.micro_steps_per_epoch):
         images, labels = next(loader)
         assert images.shape == (8, 3, 32, 32) and labels.shape == (8,)
         batches.append(loader.last_ids)
-    json.dump({"batches": batches, "epoch": loader.epoch, "steps": loader.steps_per_epoch}, open(out, "w"))
+    json.dump({"batches": batches, "epoch": loader.epoch, "steps": loader.micro_steps_per_epoch}, open(out, "w"))
     loader.close()
     """
 )
@@ -98,7 +98,7 @@ def test_order_is_a_pure_function_of_seed_and_epoch(digit_wds):
     assert run_epoch(cfg, 0, 1, seed=2) != first
     loader = build_train_loader(cfg, image_size=SIZE, rank=0, world_size=1, seed=1, device=CPU)
     try:
-        for _ in range(loader.steps_per_epoch):
+        for _ in range(loader.micro_steps_per_epoch):
             next(loader)
         next(loader)
         assert loader.epoch == 1 and loader.last_ids != first[0], "epoch 1 has its own order"
@@ -123,7 +123,7 @@ def test_resume_same_world_size_is_bitwise(digit_wds, stop):
     )
     kw = dict(image_size=SIZE, rank=1, world_size=2, seed=3, device=CPU)
     ref = build_train_loader(cfg, **kw)
-    total = ref.steps_per_epoch + 3
+    total = ref.micro_steps_per_epoch + 3
     expected = take(ref, total)
     ref.close()
     first = build_train_loader(cfg, **kw)

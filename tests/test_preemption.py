@@ -131,12 +131,6 @@ def test_event_log_round_trip_and_shell_lines(tmp_path: Path) -> None:
         log.record("stop", reason="two words")
 
 
-def test_event_log_without_path_records_nothing(tmp_path: Path) -> None:
-    log = EventLog(None)
-    log.record("resumed", step=3)
-    assert log.read() == []
-
-
 def test_malformed_event_line_names_file_and_line(tmp_path: Path) -> None:
     path = tmp_path / "events.log"
     path.write_text("1.0 start restart=0\nnot-a-time start\n")
