@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from cluster.local_slurm import free_port
 from pretrain.config import EngineConfig, LossConfig, ModelConfig, OptimConfig, ScheduleConfig
 from pretrain.losses import build_loss
 from pretrain.optim import build_optimizer, build_scheduler
@@ -295,14 +296,6 @@ def write_result(path: Path, result: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(result))
     tmp.replace(path)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def summary(result: dict, batch: int) -> tuple[float, float]:

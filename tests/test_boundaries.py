@@ -80,9 +80,13 @@ def distributed_uses(source: str) -> list[str]:
                 module == "torch" and any(a.name == "distributed" for a in node.names)
             ):
                 found.append(f"{node.lineno}: from {module} import ...")
-        elif isinstance(node, ast.Attribute) and node.attr == "distributed":
-            if isinstance(node.value, ast.Name) and node.value.id == "torch":
-                found.append(f"{node.lineno}: {ast.unparse(node)}")
+        elif (
+            isinstance(node, ast.Attribute)
+            and node.attr == "distributed"
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "torch"
+        ):
+            found.append(f"{node.lineno}: {ast.unparse(node)}")
     return found
 
 

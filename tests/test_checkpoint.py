@@ -169,7 +169,9 @@ def test_select_names_every_changed_invariant(tmp_path: Path) -> None:
     changed = {**INVARIANTS, "data.batch_size": 64, "model.dims": [16, 64]}
     with pytest.raises(ValueError) as err:
         manager(tmp_path).select(changed)
-    assert "data.batch_size: 32 -> 64" in str(err.value) and "model.dims: [16, 32] -> [16, 64]" in str(err.value)
+    assert "data.batch_size: 32 -> 64" in str(err.value) and "model.dims: [16, 32] -> [16, 64]" in str(
+        err.value
+    )
     assert "run.seed" not in str(err.value)
     assert manager(tmp_path).select(INVARIANTS).ckpt.step == 4
 

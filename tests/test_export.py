@@ -9,6 +9,7 @@ buffers. The test then feeds the same images to a plain model built from the exp
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,15 +20,21 @@ from safetensors.torch import load_file
 
 from pretrain.checkpoint import tag_for
 from pretrain.model import create_model_from_config
-from tests.helpers.launch import run_script
-from tests.test_checkpoint_resume import COMMON, REPO, SMOKE, STEPS, reference_run, tail
+from tests.fixtures.training import COMMON, STEPS
+from tests.helpers.launch import REPO, SMOKE, run_script, tail
 
 BIN = Path(sys.executable).parent
 
 
 def export(*args: str) -> subprocess.CompletedProcess:
+    """The real `coatnet-export` under umask 022 (the usual default on shared clusters)."""
     return subprocess.run(
-        [str(BIN / "coatnet-export"), *args], cwd=REPO, capture_output=True, text=True, timeout=300
+        [str(BIN / "coatnet-export"), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        preexec_fn=lambda: os.umask(0o022),
     )
 
 
@@ -51,9 +58,9 @@ def zero3_probe(out_dir: Path, shards: Path, checkpoint: Path) -> list[dict]:
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_export_gives_a_plain_model_the_zero3_models_logits(
-    tmp_path_factory: pytest.TempPathFactory, digits_shards: Path, tmp_path: Path
+    reference_run: Path, digits_shards: Path, tmp_path: Path
 ) -> None:
-    reference = reference_run(tmp_path_factory, digits_shards)
+    reference = reference_run
     final = reference / "checkpoints" / tag_for(STEPS)
 
     out = tmp_path / "coatnet.safetensors"
@@ -105,9 +112,9 @@ def test_export_gives_a_plain_model_the_zero3_models_logits(
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_bf16_export_and_checkpoint_folder_argument(
-    tmp_path_factory: pytest.TempPathFactory, digits_shards: Path, tmp_path: Path
+    reference_run: Path, digits_shards: Path, tmp_path: Path
 ) -> None:
-    reference = reference_run(tmp_path_factory, digits_shards)
+    reference = reference_run
     tag = reference / "checkpoints" / tag_for(STEPS - 10)
     fp32_out, bf16_out = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     assert export(str(tag), str(fp32_out)).returncode == 0
@@ -124,6 +131,24 @@ def test_bf16_export_and_checkpoint_folder_argument(
     missing = export(str(tmp_path / "nothing"), str(tmp_path / "c.safetensors"))
     assert missing.returncode == 2 and "no such checkpoint" in missing.stderr
 
+    # The sidecar is the model card (same schema as the manifest's and ema.json), with preprocessing.
+    card = json.loads(fp32_out.with_suffix(".json").read_text())
+    assert card["format"] == "coatnet-card/1" and card["preprocessing"]["eval_crop_ratio"] == 0.875
+    assert len(card["preprocessing"]["mean"]) == 3 and card["samples_seen"] == (STEPS - 10) * 64
+    # Readable by teammates: the umask's mode, not safetensors' 0600.
+    assert {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()} == {
+        p.name: 0o644
+        for p in (fp32_out, bf16_out, fp32_out.with_suffix(".json"), bf16_out.with_suffix(".json"))
+    }
+    # An existing output is refused (one line, nothing written) unless --force.
+    before = fp32_out.read_bytes()
+    again = export(str(reference), str(fp32_out))
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "--force" in again.stderr, tail(again)
+    assert fp32_out.read_bytes() == before
+    forced = export(str(reference), str(fp32_out), "--force")
+    assert forced.returncode == 0 and json.loads(fp32_out.with_suffix(".json").read_text())["step"] == STEPS
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left
+
 
 # ------------------------------------------------------------------------------------------------ probe
 
@@ -131,8 +156,8 @@ def test_bf16_export_and_checkpoint_folder_argument(
 def _probe_main(out_dir: str, overrides: list[str]) -> int:
     """Runs on every rank under torchrun: load the checkpoint as a resuming trainer does, then one eval batch."""
     from pretrain import dist
-    from pretrain.checkpoint import batchnorm_state
     from pretrain.config import load_config
+    from pretrain.state import BatchNormStats
     from pretrain.trainer import Trainer
 
     trainer = Trainer.build(load_config(SMOKE, overrides))
@@ -147,7 +172,7 @@ def _probe_main(out_dir: str, overrides: list[str]) -> int:
             {
                 "images": images.cpu(),
                 "logits": logits.cpu(),
-                "batchnorm": batchnorm_state(trainer.engine.module),
+                "batchnorm": BatchNormStats(trainer.engine.module).state_dict(),
             },
             Path(out_dir) / f"rank{rank}.pt",
         )

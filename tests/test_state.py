@@ -172,7 +172,7 @@ def test_canary_fails_on_damaged_moments_lr_or_steps() -> None:
         _client(damaged, CountingLoader()).load_state_dict(saved, damaged, where="ckpt")
     wrong_lr = restored()
     wrong_lr.optimizer.param_groups[0]["lr"] = 5e-4
-    with pytest.raises(ValueError, match="learning rate 0.001 -> 0.0005"):
+    with pytest.raises(ValueError, match=r"learning rate 0\.001 -> 0\.0005"):
         _client(wrong_lr, CountingLoader()).load_state_dict(saved, wrong_lr, where="ckpt")
     lost_step = restored()
     lost_step.global_steps = 0

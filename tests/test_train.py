@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.fixtures.mlflow_server import free_port
+from cluster.local_slurm import free_port
 from tests.helpers.launch import CONFIGS, data_overrides, read_metrics, run_script, run_training
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,11 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.fixtures.mlflow_server import free_port
+from cluster.local_slurm import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 CONFIGS = REPO / "configs"
+SMOKE = CONFIGS / "smoke.yaml"
+
+
+def tail(proc: subprocess.CompletedProcess) -> str:
+    """The end of a finished process's output, for assertion messages."""
+    return (proc.stdout or "")[-3000:] + (proc.stderr or "")[-3000:]
 
 
 def launcher_prefix(launcher: str, nproc: int, port: int) -> list[str]:
@@ -68,6 +74,20 @@ def run_training(
 
 def data_overrides(shards: Path) -> list[str]:
     return [f"data.train={shards / 'train'}", f"data.val={shards / 'val'}"]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss from rank 0's metrics.jsonl (the last line of a step, when a killed run logged it too)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if "loss" in entry:
+            out[entry["step"]] = entry["loss"]
+    return out
+
+
+def rank0_log(run_dir: Path) -> str:
+    return (run_dir / "logs" / "rank0.log").read_text()
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
