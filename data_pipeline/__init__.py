@@ -1,7 +1,8 @@
 """Input pipeline of the CoAtNet pre-training system: webdataset shards read by NVIDIA DALI.
 
 Modules, in the order data flows through them:
-- build.py / existing.py: image folders, list files or published shards -> shards, DALI indexes, manifest.
+- sources.py, build.py, outdir.py / existing.py: image folders, list files or published shards -> shards,
+  DALI indexes, manifest (sources: what is read; outdir: the output folder, checks and leftovers).
 - audit.py: decode everything once with DALI's decoder; blocklist what fails or lies past a truncation.
 - manifest.py, tarindex.py, dataset.py: the on-disk formats and the sample universe (minus the blocklist).
 - order.py: the epoch order, a pure function of (seed, epoch), and its cut into per-rank batches.

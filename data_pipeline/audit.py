@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from data_pipeline.manifest import Blocklist, load_manifest, save_blocklist, sha256_file
+from data_pipeline.manifest import MANIFEST_NAME, Blocklist, load_manifest, save_blocklist, sha256_file
 from data_pipeline.tarindex import check_bounds, read_index, read_member
 
 PROBE_BATCH = 64
@@ -93,13 +93,36 @@ class AuditReport:
     checksum_mismatch: list[str] = field(default_factory=list)
     blocklist: Path | None = None
 
-    def summary(self) -> str:
-        """One paragraph for the terminal."""
-        return (
+    def summary(self, show: int = 5) -> str:
+        """A few lines for the terminal, naming the first `show` bad samples of each kind."""
+        lines = [
             f"audited {self.samples} samples in {self.shards} shards: {len(self.corrupt)} undecodable, "
             f"{len(self.truncated)} past the end of a truncated shard, {len(self.checksum_mismatch)} shards "
             f"with a checksum that differs from the manifest; blocklist: {self.blocklist}"
-        )
+        ]
+        for what, found in (("undecodable", self.corrupt), ("truncated", self.truncated)):
+            if found:
+                names = ", ".join(f"{shard}/{key}" for shard, key in found[:show])
+                more = f" and {len(found) - show} more" if len(found) > show else ""
+                lines.append(f"  {what}: {names}{more}")
+        if self.checksum_mismatch:
+            more = (
+                f" and {len(self.checksum_mismatch) - show} more"
+                if len(self.checksum_mismatch) > show
+                else ""
+            )
+            lines.append(f"  checksum differs: {', '.join(self.checksum_mismatch[:show])}{more}")
+        return "\n".join(lines)
+
+
+def check_files(dataset_dir: str | Path) -> None:
+    """Raise FileNotFoundError naming the first shard or index file of `dataset_dir` that is missing
+    (before an audit starts, so that a failing audit writes nothing)."""
+    manifest, shard_dir, index_dir = load_manifest(dataset_dir)
+    for info in manifest.shards:
+        for path in (shard_dir / info.name, index_dir / info.index):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}, listed in {Path(dataset_dir) / MANIFEST_NAME}, is missing")
 
 
 def audit(
@@ -108,10 +131,11 @@ def audit(
     """Audit every shard of `dataset_dir` and (re)write its blocklist.json."""
     from tqdm import tqdm
 
+    check_files(dataset_dir)
     manifest, shard_dir, index_dir = load_manifest(dataset_dir)
     report, blocklist = AuditReport(), Blocklist()
     probe = DecodeProbe(decoder, device_id, num_threads)
-    for info in tqdm(manifest.shards, desc="audit", unit="shard"):
+    for info in tqdm(manifest.shards, desc="audit", unit="shard", disable=None):
         tar, entries = shard_dir / info.name, read_index(index_dir / info.index)
         report.shards += 1
         report.samples += len(entries)

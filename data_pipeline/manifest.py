@@ -5,7 +5,12 @@ manifest names another `shard_dir` (published shards on a read-only filesystem, 
 folder by `coatnet-data index --out`). One DALI index file per shard sits next to the manifest.
 
 Labels: single-label datasets carry `<key>.cls` (ASCII class id); multi-label datasets carry
-`<key>.labels` (ASCII class ids separated by spaces). Images are `<key>.jpg`, RGB JPEG.
+`<key>.labels` (ASCII class ids separated by spaces). Published shards indexed by `coatnet-data index` may
+instead carry `<key>.json` (`label_encoding: "json"`): a class id, a list of ids, or an object whose
+"label"/"labels"/"cls" key holds one; `label_ids` reads both encodings. Images are `<key>.jpg`, RGB JPEG.
+
+A build's output folder holds one dataset directory per split (`train/`, `val/`); `dataset_dirs` finds
+them for commands that accept either.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ MANIFEST_NAME = "manifest.json"
 BLOCKLIST_NAME = "blocklist.json"
 FORMAT = "coatnet-wds/1"
 LABEL_EXT = {"single": "cls", "multi": "labels"}
+JSON_LABEL_KEYS = ("label", "labels", "cls")
 
 
 @dataclass
@@ -45,16 +51,40 @@ class Manifest:
     shard_dir: str | None = None
     stats: dict[str, int] = field(default_factory=dict)
     format: str = FORMAT
+    label_encoding: Literal["ascii", "json"] = "ascii"
 
     @property
     def label_ext(self) -> str:
         """Extension of the label component in the tars."""
-        return LABEL_EXT[self.label_kind]
+        return "json" if self.label_encoding == "json" else LABEL_EXT[self.label_kind]
 
     @property
     def num_samples(self) -> int:
         """Samples in all shards, blocklisted ones included."""
         return sum(s.samples for s in self.shards)
+
+
+def label_ids(blob: bytes, encoding: str) -> list[int]:
+    """The class ids in one label component.
+
+    "ascii": ids separated by whitespace (`.cls`, `.labels`). "json": an id, a list of ids, or an object
+    holding one of those under "label", "labels" or "cls". Raises ValueError for anything else.
+    """
+    if encoding == "ascii":
+        return [int(tok) for tok in blob.split()]
+    try:
+        value = json.loads(blob)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    if isinstance(value, dict):
+        found = [k for k in JSON_LABEL_KEYS if k in value]
+        if not found:
+            raise ValueError(f"a JSON object without any of the keys {JSON_LABEL_KEYS}")
+        value = value[found[0]]
+    ids = value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"the JSON label {json.dumps(value)[:40]} is not a class id or a list of ids")
+    return ids
 
 
 def load_manifest(dataset_dir: str | Path) -> tuple[Manifest, Path, Path]:
@@ -66,7 +96,12 @@ def load_manifest(dataset_dir: str | Path) -> tuple[Manifest, Path, Path]:
     path = root / MANIFEST_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: run `coatnet-data build` or `coatnet-data index` first")
-    raw = json.loads(path.read_text())
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a JSON manifest ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("format") != FORMAT:
         raise ValueError(f"{path}: key 'format' is {raw.get('format')!r}, expected {FORMAT!r}")
     try:
@@ -76,6 +111,10 @@ def load_manifest(dataset_dir: str | Path) -> tuple[Manifest, Path, Path]:
         raise ValueError(f"{path}: malformed manifest ({exc})") from exc
     if manifest.label_kind not in LABEL_EXT:
         raise ValueError(f"{path}: key 'label_kind' must be 'single' or 'multi', got {manifest.label_kind!r}")
+    if manifest.label_encoding not in {"ascii", "json"}:
+        raise ValueError(
+            f"{path}: key 'label_encoding' must be 'ascii' or 'json', got {manifest.label_encoding!r}"
+        )
     if len(manifest.class_names) != manifest.num_classes:
         raise ValueError(
             f"{path}: 'class_names' has {len(manifest.class_names)} entries, 'num_classes' says {manifest.num_classes}"
@@ -84,6 +123,26 @@ def load_manifest(dataset_dir: str | Path) -> tuple[Manifest, Path, Path]:
         raise ValueError(f"{path}: key 'shards' is empty")
     shard_dir = root / manifest.shard_dir if manifest.shard_dir else root  # an absolute shard_dir wins
     return manifest, shard_dir, root
+
+
+def dataset_dirs(path: str | Path) -> list[Path]:
+    """The dataset directories at `path`: `[path]` when it holds a manifest, else its subfolders that do
+    (a build's output folder: `train/`, `val/`).
+
+    Raises FileNotFoundError naming `path` when there is neither.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such directory")
+    if (root / MANIFEST_NAME).is_file():
+        return [root]
+    found = sorted(p for p in root.iterdir() if (p / MANIFEST_NAME).is_file())
+    if not found:
+        raise FileNotFoundError(
+            f"{root / MANIFEST_NAME} not found (nor in a subfolder): run `coatnet-data build` or "
+            "`coatnet-data index` first"
+        )
+    return found
 
 
 def save_manifest(manifest: Manifest, dataset_dir: str | Path) -> Path:

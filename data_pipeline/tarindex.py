@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import tarfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 INDEX_VERSION = "v1.2"
 TAR_BLOCK = 512
@@ -54,10 +54,20 @@ def split_member_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :]
 
 
+def unsafe_member_name(name: str) -> bool:
+    """True for a member name that would land outside the extraction folder: absolute, or with a `..` part.
+
+    Nothing here extracts tars, but shards travel to tools that do; such a shard is refused, not indexed.
+    """
+    path = PurePosixPath(name.replace("\\", "/"))
+    return path.is_absolute() or ".." in path.parts
+
+
 def scan_tar(tar_path: Path) -> list[IndexedSample]:
     """Read a tar's member headers (GNU, ustar or PAX) and group consecutive members into samples.
 
-    Raises ValueError naming the file when the tar is unreadable or truncated inside a header.
+    Raises ValueError naming the file when the tar is unreadable, truncated inside a header, or holds a
+    member whose name is absolute or contains `..` (naming that member).
     """
     samples: list[IndexedSample] = []
     current_key: str | None = None
@@ -65,6 +75,11 @@ def scan_tar(tar_path: Path) -> list[IndexedSample]:
     try:
         with tarfile.open(tar_path, mode="r:") as tar:
             for member in tar:
+                if unsafe_member_name(member.name):
+                    raise ValueError(
+                        f"{tar_path}: unsafe member name {member.name!r} (absolute or with '..'); "
+                        "refusing this shard"
+                    )
                 if not member.isfile():
                     continue
                 key, ext = split_member_name(member.name)
@@ -93,11 +108,14 @@ def write_index(index_path: Path, samples: list[IndexedSample]) -> None:
                 "which DALI's index format cannot represent; rename the members"
             )
     tmp = index_path.with_name(index_path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(f"{INDEX_VERSION} {len(samples)}\n")
-        for sample in samples:
-            f.write(sample.line() + "\n")
-    tmp.replace(index_path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(f"{INDEX_VERSION} {len(samples)}\n")
+            for sample in samples:
+                f.write(sample.line() + "\n")
+        tmp.replace(index_path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only still there when writing failed
 
 
 def read_index(index_path: Path) -> list[IndexedSample]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -61,8 +62,13 @@ def test_quirky_images_become_rgb_jpeg_and_are_counted(quirk_build):
         "stored": 30,
         "unreadable": 1,  # the truncated JPEG is left out
     }
+    skipped = json.loads((train / "skipped.json").read_text())
+    assert list(skipped) == ["3/quirk_truncated.jpg"]
+    assert skipped["3/quirk_truncated.jpg"].startswith("unreadable: cannot decode image")
     samples = read_all(train)
     assert len(samples) == manifest.num_samples == 35
+    stems = {p.stem for p in src.rglob("*") if p.is_file()} - {"quirk_truncated"}
+    assert {k.split("/")[1] for k in samples} == stems, "every sample keeps its source file's stem as key"
     for sample in samples.values():
         with Image.open(io.BytesIO(sample["jpg"])) as im:
             assert (im.format, im.mode) == ("JPEG", "RGB")
