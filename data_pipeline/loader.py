@@ -37,6 +37,7 @@ import torch
 from data_pipeline.audit import DecodeProbe, find_undecodable
 from data_pipeline.config import DataConfig
 from data_pipeline.dataset import ShardedDataset
+from data_pipeline.manifest import label_ids
 from data_pipeline.mixup import mix_batch
 from data_pipeline.order import (
     EpochOrder,
@@ -63,12 +64,15 @@ STATE_VERSION = 1
 OUTPUT_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def parse_labels(raw: list[bytes], kind: str, num_classes: int, where: str) -> torch.Tensor:
-    """Label components -> int64 [N] (single) or multi-hot float32 [N, C] (multi)."""
+def parse_labels(
+    raw: list[bytes], kind: str, num_classes: int, where: str, encoding: str = "ascii"
+) -> torch.Tensor:
+    """Label components ("ascii" ids or "json", see manifest.label_ids) -> int64 [N] (single) or multi-hot
+    float32 [N, C] (multi)."""
     try:
-        ids = [[int(tok) for tok in blob.split()] for blob in raw]
+        ids = [label_ids(blob, encoding) for blob in raw]
     except ValueError as exc:
-        raise ValueError(f"{where}: a label component is not ASCII class ids ({exc})") from exc
+        raise ValueError(f"{where}: a label component is not {encoding} class ids ({exc})") from exc
     if any(not row or max(row) >= num_classes or min(row) < 0 for row in ids):
         raise ValueError(f"{where}: a label is empty or outside [0, {num_classes})")
     if kind == "single":
@@ -186,10 +190,18 @@ class TrainLoader(_LabelSpace):
         images_tl, labels_tl, info_tl = self._run(live)
         self.last_ids = sample_ids(info_tl)
         where = f"shards of segment {live.segment.directory}"
-        labels = parse_labels(byte_samples(labels_tl), self.label_kind, self.num_classes, where)
+        labels = parse_labels(
+            byte_samples(labels_tl),
+            self.label_kind,
+            self.num_classes,
+            where,
+            self.dataset.manifest.label_encoding,
+        )
         images = to_torch(images_tl, self.device)  # [B, 3, S, S] float32
         batch_position = (
-            self._origin + (live.first_step + live.done) * self.micro_step_samples + self.rank * self.cfg.batch_size
+            self._origin
+            + (live.first_step + live.done) * self.micro_step_samples
+            + self.rank * self.cfg.batch_size
         )
         live.done += 1
         images, targets = self._targets(images, labels.to(self.device), batch_position)
@@ -404,7 +416,11 @@ class EvalLoader(_LabelSpace):
                 images_tl, labels_tl, info_tl = pipe.run()
                 self.last_ids = sample_ids(info_tl)
                 labels = parse_labels(
-                    byte_samples(labels_tl), self.label_kind, self.num_classes, str(self.dataset.root)
+                    byte_samples(labels_tl),
+                    self.label_kind,
+                    self.num_classes,
+                    str(self.dataset.root),
+                    self.dataset.manifest.label_encoding,
                 )
                 valid = torch.from_numpy(self.valid[step * batch : (step + 1) * batch].copy())
                 images = to_torch(images_tl, self.device).to(OUTPUT_DTYPES[self.cfg.output_dtype or "fp32"])

@@ -18,8 +18,11 @@ import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_pipeline.build import build
+from data_pipeline.config import DataConfig
+from data_pipeline.loader import build_train_loader
 from data_pipeline.manifest import Blocklist, label_ids, load_manifest, save_blocklist
 from data_pipeline.sample_data import write_digits_folder
 from data_pipeline.tarindex import read_index, read_member, scan_tar
@@ -358,6 +361,16 @@ def test_index_accepts_json_labels(tmp_path, digits, labels, kind, num_classes):
         assert sample.key == key
         blob = read_member(shard_dir / info.name, sample.component(manifest.label_ext))
         assert label_ids(blob, manifest.label_encoding) == label_ids(label, "json")
+    # The training loader reads them too (the same parser).
+    cfg = DataConfig(train=str(tmp_path / "indexed"), batch_size=2, num_threads=1, output_dtype="fp32")
+    loader = build_train_loader(cfg, image_size=32, rank=0, world_size=1, seed=0, device=torch.device("cpu"))
+    try:
+        _, got = next(loader)
+        for row, sample_id in zip(got, loader.last_ids):
+            ids = label_ids(labels[sample_id.split("/")[-1]], "json")
+            assert (row.item() == ids[0]) if kind == "single" else (row.nonzero().flatten().tolist() == ids)
+    finally:
+        loader.close()
 
 
 def test_index_refuses_a_json_label_that_is_not_class_ids(tmp_path, digits):
