@@ -1,6 +1,7 @@
 # The few targets people type. Each one creates or reuses the virtualenv in $(VENV) first.
 #   make demo   the whole path on CPU: shards -> 2-rank ZeRO-3 pre-training -> resume -> export -> fine-tune
 #   make test   the test suite (CPU; starts real DeepSpeed, DALI, MLflow and, where installed, Slurm)
+#   make test-fast  the edit-test loop: everything that starts no process and trains no real run (< 6 min)
 #   make lint   ruff lint + format check
 # GPU users: `make venv TORCH_SPEC=torch DALI_EXTRA=dali-cuda12` picks the CUDA builds instead.
 
@@ -12,7 +13,7 @@ PYTEST_ARGS ?=
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed-$(DALI_EXTRA)
 
-.PHONY: venv demo test lint format clean
+.PHONY: venv demo test test-fast lint format clean
 
 venv: $(STAMP)
 
@@ -29,6 +30,10 @@ demo: venv
 
 test: venv
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+FAST_MARKERS := not slow and not multiprocess and not slurm and not mlflow_server
+test-fast: venv
+	$(VENV)/bin/pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

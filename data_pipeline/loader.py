@@ -132,8 +132,7 @@ class TrainLoader(_LabelSpace):
         seed: int,
         device: torch.device,
     ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        assert 0 <= rank < world_size, (rank, world_size)  # from the launcher, never from a user
         if len(cfg.scale) != 2 or len(cfg.ratio) != 2:
             raise ValueError("data.scale and data.ratio must be [low, high] pairs")
         self.cfg, self.dataset, self.rank, self.world_size, self.seed = cfg, dataset, rank, world_size, seed
@@ -378,8 +377,7 @@ class EvalLoader(_LabelSpace):
         world_size: int,
         device: torch.device,
     ) -> None:
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        assert 0 <= rank < world_size, (rank, world_size)  # from the launcher, never from a user
         self.cfg, self.dataset, self.image_size, self.device = cfg, dataset, image_size, device
         self.place = placement(cfg.decode, device)
         self.positions, self.valid, self.steps = eval_positions(
