@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import subprocess
 import sys
 import time
@@ -10,10 +11,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pretrain.model import count_macs, create_model, list_models
+from pretrain.model import MacCount, count_macs, create_model, list_models
+from pretrain.model.macs import PUBLISHED_MACS, PublishedMacs
 from pretrain.model.summary import main as summary_main
 
-# docs/coatnet.md section 1: published parameters, and "FLOPs" (= multiply-accumulates) with their size.
+# docs/coatnet.md section 1: published parameters. The published MACs are PUBLISHED_MACS in macs.py.
 PUBLISHED_PARAMS = {
     "coatnet_0": 25e6,
     "coatnet_1": 42e6,
@@ -24,19 +26,36 @@ PUBLISHED_PARAMS = {
     "coatnet_6": 1.47e9,
     "coatnet_7": 2.44e9,
 }
-PUBLISHED_MACS = {
-    "coatnet_0": (224, 4.2e9),
-    "coatnet_1": (224, 8.4e9),
-    "coatnet_2": (224, 15.7e9),
-    "coatnet_3": (224, 34.7e9),
-    "coatnet_5": (512, 812e9),
-    "coatnet_6": (512, 1521e9),
-    "coatnet_7": (512, 2586e9),
-}
+# What the paper's counter charges per attention logit beyond q.k^T and attn.v: a least-squares fit of
+# (paper - ours) against attention_logits over CoAtNet-0..5 (macs.py docstring, docs/macs.md). Used only
+# to check that explanation; count_macs never adds it.
+PAPER_MACS_PER_LOGIT = 13.5
+# CoAtNet-6/7 split S3 into MBConv then Transformer blocks, a layout read from Table 12 (docs/coatnet.md
+# 1.1); they stay 1.2%/1.5% low after the per-logit term, for reasons unrelated to attention.
+SPLIT_S3_VARIANTS = ("coatnet_6", "coatnet_7")
 
 
-def test_published_table_covers_every_variant():
+def _point_id(point: PublishedMacs) -> str:
+    suffix = "-dw" if point.downsample == "depthwise" else ""
+    return f"{point.name}-{point.image_size}{suffix}"
+
+
+@functools.cache
+def _counts(point: PublishedMacs) -> tuple[MacCount, float]:
+    """Our count and torch's FlopCounterMode MACs for one published point (cached: tests share them)."""
+    with torch.device("meta"):
+        model = create_model(point.name, image_size=point.image_size, downsample=point.downsample)
+        # torch's own counter sees the aten ops (convolution, addmm, bmm of the decomposed attention).
+        with FlopCounterMode(display=False) as counter:
+            model(torch.empty(1, 3, point.image_size, point.image_size))
+    return count_macs(model), counter.get_total_flops() / 2
+
+
+def test_published_tables_cover_every_variant():
     assert sorted(PUBLISHED_PARAMS) == list_models()
+    assert sorted({p.name for p in PUBLISHED_MACS}) == list_models()
+    keys = [(p.name, p.image_size, p.downsample) for p in PUBLISHED_MACS]
+    assert len(set(keys)) == len(keys) == 20, "one entry per (variant, size, downsampling)"
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -49,19 +68,42 @@ def test_parameter_count_within_1_percent_of_published(name):
     assert count_macs(model).params == params
 
 
-@pytest.mark.parametrize("name", sorted(PUBLISHED_MACS))
-def test_macs_within_3_percent_by_two_independent_counters(name):
-    size, published = PUBLISHED_MACS[name]
-    ours = count_macs(name, size).macs
-    # torch's own counter sees the aten ops (convolution, addmm, bmm of the decomposed attention).
-    with torch.device("meta"):
-        model = create_model(name, image_size=size)
-        with FlopCounterMode(display=False) as counter:
-            model(torch.empty(1, 3, size, size))
-    torch_macs = counter.get_total_flops() / 2
-    assert abs(ours / published - 1) < 0.03, f"{name}: {ours / 1e9:.1f}B"
-    assert abs(torch_macs / published - 1) < 0.03, f"{name}: {torch_macs / 1e9:.1f}B"
-    assert abs(ours / torch_macs - 1) < 0.001
+@pytest.mark.parametrize("point", PUBLISHED_MACS, ids=_point_id)
+def test_macs_at_most_4_percent_below_published(point):
+    # Measured: 0.9% (CoAtNet-3 at 224) to 3.5% (CoAtNet-2 at 512) below, never above. The paper's figures
+    # include about 13.5 MACs per attention logit that this counter does not count (next test).
+    ours = _counts(point)[0].macs
+    assert -0.04 < ours / point.macs - 1 < 0, (
+        f"{_point_id(point)}: {ours / 1e9:.2f}B vs {point.macs / 1e9:g}B"
+    )
+
+
+@pytest.mark.parametrize("point", PUBLISHED_MACS, ids=_point_id)
+def test_shortfall_is_a_fixed_cost_per_attention_logit(point):
+    # Within 1%: measured at most 0.86% (CoAtNet-1 at 224) and at most 0.5% at every 384/512 point, the
+    # order of the paper's rounding for the small models (4.2B is +-1.2%). 2% for the split-S3 variants
+    # (measured 1.2% and 1.5%).
+    count = _counts(point)[0]
+    explained = count.macs + PAPER_MACS_PER_LOGIT * count.attention_logits
+    tolerance = 0.02 if point.name in SPLIT_S3_VARIANTS else 0.01
+    assert abs(explained / point.macs - 1) < tolerance, f"{_point_id(point)}: {explained / 1e9:.2f}B"
+
+
+@pytest.mark.parametrize("point", PUBLISHED_MACS, ids=_point_id)
+def test_two_independent_counters_agree(point):
+    count, torch_macs = _counts(point)
+    assert abs(count.macs / torch_macs - 1) < 0.001, (
+        f"{_point_id(point)}: {count.macs:,} vs {torch_macs:,.0f}"
+    )
+
+
+def test_attention_logits_are_heads_times_tokens_squared():
+    count = count_macs("coatnet_2", 512)
+    rows = {row.label: row for row in count.stages}
+    # S3: 14 layers, 16 heads, 32x32 tokens; S4: 2 layers, 32 heads, 16x16 tokens; no attention before.
+    assert rows["S3"].attention_logits == 14 * 16 * 1024**2
+    assert rows["S4"].attention_logits == 2 * 32 * 256**2
+    assert count.attention_logits == rows["S3"].attention_logits + rows["S4"].attention_logits
 
 
 def test_coatnet_7_builds_on_meta_in_seconds():
