@@ -12,20 +12,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pretrain.model import MacCount, count_macs, create_model, list_models
-from pretrain.model.macs import PUBLISHED_MACS, PublishedMacs
+from pretrain.model.macs import PUBLISHED_MACS, PUBLISHED_PARAMS, PublishedMacs
 from pretrain.model.summary import main as summary_main
 
-# docs/coatnet.md section 1: published parameters. The published MACs are PUBLISHED_MACS in macs.py.
-PUBLISHED_PARAMS = {
-    "coatnet_0": 25e6,
-    "coatnet_1": 42e6,
-    "coatnet_2": 75e6,
-    "coatnet_3": 168e6,
-    "coatnet_4": 275e6,
-    "coatnet_5": 688e6,
-    "coatnet_6": 1.47e9,
-    "coatnet_7": 2.44e9,
-}
 # What the paper's counter charges per attention logit beyond q.k^T and attn.v: a least-squares fit of
 # (paper - ours) against attention_logits over CoAtNet-0..5 (macs.py docstring, docs/macs.md). Used only
 # to check that explanation; count_macs never adds it.

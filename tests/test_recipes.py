@@ -17,20 +17,11 @@ from pretrain import plan
 from pretrain.config import TrainConfig, load_config
 from pretrain.ds_config import deepspeed_config
 from pretrain.model import create_model
+from pretrain.model.macs import PUBLISHED_PARAMS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(p.name for p in CONFIGS.glob("coatnet*.yaml"))
 BASES = sorted(p.name for p in CONFIGS.glob("_*.yaml"))
-PUBLISHED_PARAMS = {  # docs/coatnet.md section 1, with the paper's 1000-class head
-    "coatnet_0": 25e6,
-    "coatnet_1": 42e6,
-    "coatnet_2": 75e6,
-    "coatnet_3": 168e6,
-    "coatnet_4": 275e6,
-    "coatnet_5": 688e6,
-    "coatnet_6": 1.47e9,
-    "coatnet_7": 2.44e9,
-}
 
 
 def header(name: str) -> str:

@@ -93,6 +93,18 @@ class PublishedMacs:
     downsample: str = "conv1x1"
 
 
+# The paper's parameter counts (docs/coatnet.md section 1), with its 1000-class head.
+PUBLISHED_PARAMS = {
+    "coatnet_0": 25e6,
+    "coatnet_1": 42e6,
+    "coatnet_2": 75e6,
+    "coatnet_3": 168e6,
+    "coatnet_4": 275e6,
+    "coatnet_5": 688e6,
+    "coatnet_6": 1.47e9,
+    "coatnet_7": 2.44e9,
+}
+
 # Every "#FLOPs" figure Dai et al. 2021 (arXiv 2106.04803v2) publish for CoAtNet-0..7, each (variant,
 # size, downsampling) once. Table 4 (ImageNet-1K and 21K+1K fine-tunes) and Table 5 (JFT) list the
 # same model at the same size with the same figure (CoAtNet-4 at 512: 360.9B and 361B); the more precise
