@@ -151,6 +151,11 @@ class CheckpointConfig:
     canary_tolerance: float = doc(
         "Allowed loss difference of the resume canary batch (0: must be exact).", 1e-3, min=0.0
     )
+    trust_unsigned: bool = doc(
+        "Resume from a checkpoint whose manifest your key did not sign (someone else's, or written before "
+        "signing existed): you vouch for its pickles. Logged as a warning.",
+        False,
+    )
 
 
 @dataclass

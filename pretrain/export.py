@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from pretrain import signing
 from pretrain.card import check_card
 from pretrain.checkpoint import (
     MANIFEST,
@@ -95,7 +96,13 @@ def sidecar_path(out: Path) -> Path:
 
 
 def export(
-    checkpoint: Path, out: Path, *, dtype_name: str = "fp32", verify: bool = True, force: bool = False
+    checkpoint: Path,
+    out: Path,
+    *,
+    dtype_name: str = "fp32",
+    verify: bool = True,
+    force: bool = False,
+    trust_unsigned: bool = False,
 ) -> dict:
     """Write `out` (safetensors) and its JSON sidecar from a committed checkpoint. Returns the sidecar.
 
@@ -111,6 +118,10 @@ def export(
     if not force and (out.exists() or sidecar_path(out).exists()):
         raise ValueError(f"{out}: exists already; pass --force to replace it")
     tag_dir = resolve_checkpoint(checkpoint)
+    if not signing.check(
+        read_manifest(tag_dir), str(tag_dir), trust_unsigned=trust_unsigned, opt_in="--trust-unsigned"
+    ):
+        log.warning("%s: not signed by your key; exporting it because of --trust-unsigned", tag_dir)
     if verify:
         bad = checksum_mismatches(tag_dir)
         if bad:
@@ -144,6 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bf16", action="store_true", help="store floating-point tensors in bfloat16")
     parser.add_argument("--no-verify", action="store_true", help="skip recomputing the manifest's checksums")
     parser.add_argument("--force", action="store_true", help="replace OUT (and its sidecar) if it exists")
+    parser.add_argument(
+        "--trust-unsigned",
+        action="store_true",
+        help="export a checkpoint your key did not sign (someone else's): you vouch for its pickles",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname).1s %(name)s: %(message)s")
     try:
@@ -153,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype_name="bf16" if args.bf16 else "fp32",
             verify=not args.no_verify,
             force=args.force,
+            trust_unsigned=args.trust_unsigned,
         )
     except (FileNotFoundError, ValueError) as exc:
         print(f"coatnet-export: {exc}", file=sys.stderr)

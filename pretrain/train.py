@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(dump_yaml(cfg))
         return 0
 
+    from pretrain.checkpoint import ResumeRefused
     from pretrain.run_dir import RunRefused
+    from pretrain.signing import Untrusted
     from pretrain.trainer import Trainer  # heavy imports (deepspeed, DALI) only for a real run
 
     # torch 2.13 warns on every ZeRO-3 step that DeepSpeed calls renamed collectives (all_gather_into_tensor,
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         trainer = Trainer.build(cfg)
-    except (ConfigError, FileNotFoundError, RunRefused) as exc:
+    except (ConfigError, FileNotFoundError, RunRefused, ResumeRefused, Untrusted) as exc:
         print(f"coatnet-train: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     try:

@@ -207,8 +207,8 @@ def test_each_rank_seals_the_files_it_wrote() -> None:
     assert _owner_rank("mp_rank_00_model_states.pt") == 0  # ZeRO-1/2: written by rank 0
 
 
-def test_file_digest_is_a_crc32_over_chunk_crc32s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import zlib
+def test_file_digest_is_a_sha256_over_chunk_sha256s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hashlib
     from concurrent.futures import ThreadPoolExecutor
 
     import pretrain.checkpoint as ckpt
@@ -217,8 +217,8 @@ def test_file_digest_is_a_crc32_over_chunk_crc32s(tmp_path: Path, monkeypatch: p
     data = os.urandom(2500)
     (tmp_path / "f").write_bytes(data)
     (tmp_path / "empty").write_bytes(b"")
-    crcs = b"".join(zlib.crc32(data[i : i + 1000]).to_bytes(4, "big") for i in (0, 1000, 2000))
+    chunks = b"".join(hashlib.sha256(data[i : i + 1000]).digest() for i in (0, 1000, 2000))
     with ThreadPoolExecutor(2) as pool:
-        assert ckpt.file_digest(tmp_path / "f", pool) == f"{zlib.crc32(crcs):08x}"
-    assert ckpt.file_digest(tmp_path / "f") == f"{zlib.crc32(crcs):08x}"
-    assert ckpt.file_digest(tmp_path / "empty") == f"{zlib.crc32(zlib.crc32(b'').to_bytes(4, 'big')):08x}"
+        assert ckpt.file_digest(tmp_path / "f", pool) == hashlib.sha256(chunks).hexdigest()
+    assert ckpt.file_digest(tmp_path / "f") == hashlib.sha256(chunks).hexdigest()
+    assert ckpt.file_digest(tmp_path / "empty") == hashlib.sha256(hashlib.sha256(b"").digest()).hexdigest()

@@ -20,6 +20,7 @@ import torch
 
 from pretrain.checkpoint import HASH_KEY, MANIFEST, POINTER, file_digest, read_manifest, tag_for
 from pretrain.export import consolidated_state_dict
+from pretrain.signing import sign
 from tests.fixtures.training import STEPS, K, assert_stopped_for_requeue
 from tests.fixtures.training import smoke_train as train
 from tests.helpers.launch import losses, rank0_log, tail
@@ -175,7 +176,7 @@ def test_resume_canary_refuses_a_checkpoint_that_does_not_reproduce_its_model(
         state["trainer"]["shared"]["canary"]["loss"] += 0.01
         torch.save(state, path)
         manifest["files"][path.name] = {"bytes": path.stat().st_size, HASH_KEY: file_digest(path)}
-    (tag / MANIFEST).write_text(json.dumps(manifest))
+    (tag / MANIFEST).write_text(json.dumps(sign(manifest)))  # the buggy writer is this user's own
     proc = train(2, run_dir, digits_shards)
     assert proc.returncode != 0
     assert "resume canary failed" in proc.stderr and "a fixed batch's loss" in proc.stderr, tail(proc)
