@@ -210,13 +210,23 @@ class TrainConfig:
 RESUME_INVARIANT_KEYS = ("model", "run.seed", "loss.kind", "data.batch_size", "engine.global_batch_size")
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Load, compose and validate a config file plus dotted overrides. Raises ConfigError (one line)."""
-    tree, origin = read_yaml_tree(path)
+def load_config(
+    path: str | Path | list[str | Path], overrides: list[str] | tuple[str, ...] = ()
+) -> TrainConfig:
+    """Load, compose and validate config file(s) plus dotted overrides. Raises ConfigError (one line).
+
+    Several files compose in order, each merged key by key over the ones before (as their own `base:`
+    chains do), then the overrides.
+    """
+    paths = path if isinstance(path, list) else [path]
+    tree, origin = read_yaml_tree(paths[0])
+    for extra in paths[1:]:
+        extra_tree, extra_origin = read_yaml_tree(extra)
+        merge_into(tree, extra_tree, origin, extra_origin)
     over, over_origin = parse_overrides(list(overrides))
     merge_into(tree, over, origin, over_origin)
     cfg = build(TrainConfig, tree, origin)
-    _check_consistency(cfg, origin, str(path))
+    _check_consistency(cfg, origin, str(paths[-1]))
     return cfg
 
 
@@ -228,6 +238,7 @@ def _check_consistency(cfg: TrainConfig, origin: dict[str, str], path: str) -> N
         fail("schedule.steps", "set exactly one of schedule.steps and schedule.epochs")
     if cfg.model.image_size % 32:
         fail("model.image_size", f"{cfg.model.image_size} is not divisible by 32")
+    _check_model(cfg.model, fail)
     if cfg.optim.min_lr > cfg.optim.lr:
         fail("optim.min_lr", f"{cfg.optim.min_lr} is above optim.lr={cfg.optim.lr}")
     if len(cfg.optim.betas) != 2:
@@ -262,6 +273,27 @@ def _check_consistency(cfg: TrainConfig, origin: dict[str, str], path: str) -> N
     gb = cfg.engine.global_batch_size
     if gb is not None and gb % cfg.data.batch_size:
         fail("engine.global_batch_size", f"{gb} is not a multiple of data.batch_size={cfg.data.batch_size}")
+
+
+def _check_model(cfg: ModelConfig, fail) -> None:
+    """The variant exists and builds with the overrides (on the meta device: no memory, milliseconds)."""
+    import difflib
+
+    import torch
+
+    from pretrain.model import create_model, list_models
+
+    if cfg.name not in list_models():
+        close = difflib.get_close_matches(cfg.name, list_models(), n=1)
+        hint = f"; did you mean {close[0]}?" if close else f"; one of {', '.join(list_models())}"
+        fail("model.name", f"unknown variant {cfg.name!r}{hint}")
+    try:
+        with torch.device("meta"):
+            create_model(
+                cfg.name, num_classes=cfg.num_classes or 10, image_size=cfg.image_size, **cfg.overrides()
+            )
+    except (ValueError, TypeError, AssertionError) as exc:
+        fail("model", f"{cfg.name} does not build with these overrides: {str(exc).splitlines()[0]}")
 
 
 def resume_invariants(cfg: TrainConfig) -> dict[str, object]:

@@ -114,8 +114,13 @@ def parse_overrides(overrides: Sequence[str]) -> tuple[dict, dict[str, str]]:
         key, sep, raw = item.partition("=")
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"{COMMAND_LINE}: override {item!r} is not of the form section.key=value")
+        if not raw.strip():
+            # `model=` from an unset shell variable would silently reset a whole section or key.
+            raise ConfigError(
+                f"{COMMAND_LINE}: override {item!r} has no value (write {key}=null to unset it)"
+            )
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
         node = tree

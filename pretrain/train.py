@@ -24,7 +24,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Pre-train or fine-tune a CoAtNet with DeepSpeed ZeRO-3 on DALI-fed webdataset shards.",
         epilog="Every config key is documented in docs/config.md (or: coatnet-train --help-config).",
     )
-    parser.add_argument("--config", help="YAML config file (may name a base file to compose with)")
+    parser.add_argument(
+        "--config",
+        action="append",
+        help="YAML config file (may name a base file to compose with); several compose in order",
+    )
     parser.add_argument(
         "overrides",
         nargs="*",

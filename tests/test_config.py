@@ -195,3 +195,42 @@ def test_every_shipped_config_loads() -> None:
     assert runnable and bases
     for path in runnable:
         assert isinstance(load_config(path), TrainConfig), path
+
+
+def test_several_config_files_compose_in_order(tmp_path: Path, base: Path) -> None:
+    extra = write(tmp_path / "extra.yaml", "optim: {lr: 2.0e-4}\nmodel: {image_size: 96}\n")
+    cfg = load_config([base, extra], ["model.image_size=128"])
+    assert cfg.run.seed == 3 and cfg.optim.weight_decay == pytest.approx(0.05)  # from the first
+    assert cfg.optim.lr == pytest.approx(2e-4)  # the second file wins over the first
+    assert cfg.model.image_size == 128  # the command line wins over both
+
+
+def test_mistakes_found_before_any_work(base: Path) -> None:
+    with pytest.raises(ConfigError, match=r"model.name: unknown variant 'coatnet_9'; did you mean coatnet_"):
+        load_config(base, ["model.name=coatnet_9"])
+    with pytest.raises(ConfigError, match=r"override 'model=' has no value \(write model=null"):
+        load_config(base, ["model="])
+    with pytest.raises(ConfigError, match="model: coatnet_0 does not build with these overrides"):
+        load_config(base, ["model.depths=[1,1]"])
+
+
+def test_cli_composes_several_configs_and_prints_one_line_errors(tmp_path: Path, base: Path) -> None:
+    extra = write(tmp_path / "extra.yaml", "optim: {lr: 2.0e-4}\n")
+    train = [sys.executable, "-m", "pretrain.train"]
+    out = subprocess.run(
+        [*train, "--config", str(base), "--config", str(extra), "--print-config"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert out.returncode == 0 and yaml.safe_load(out.stdout)["optim"]["lr"] == pytest.approx(2e-4)
+    bad = subprocess.run(
+        [*train, "--config", str(base), "model.name=coatnet_9", "--print-config"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "coatnet_9" in bad.stderr
+    assert bad.stdout == ""
