@@ -43,6 +43,7 @@ from torch.overrides import TorchFunctionMode
 
 from pretrain.config import EngineConfig, ModelConfig, TrainConfig, load_config
 from pretrain.configlib import ConfigError
+from pretrain.ds_config import grad_accum_steps
 from pretrain.model import count_macs, create_model
 
 BF16 = 2  # bytes per bf16 element
@@ -380,7 +381,7 @@ class Plan:
     micro_batch: int
     checkpointing: bool
     global_batch: int
-    accumulation: int | None  # None: the global batch is not a multiple of micro-batch x world
+    accumulation: int  # micro-batches per rank per optimizer step
     activations: dict[bool, int]  # checkpointing -> bytes at micro_batch
     peak: dict[bool, int]
     max_batch: dict[bool, int]
@@ -419,14 +420,14 @@ def make_plan(
     states = model_states(profile, cfg.engine, world)
     micro = cfg.data.batch_size
     global_batch = cfg.engine.global_batch_size or micro * world
-    per_step = micro * world
-    accumulation = global_batch // per_step if global_batch % per_step == 0 else None
+    # What the trainer would refuse, refused here with the trainer's message (pretrain.ds_config).
+    accumulation = grad_accum_steps(cfg.engine.global_batch_size, micro, world)
     both = (False, True)
     max_batch = {c: largest_fitting_batch(profile, states, cluster, c) for c in both}
     images_per_gpu = global_batch / world
     flops_per_image = 6.0 * profile.macs_per_image
     step_seconds = images_per_gpu * flops_per_image / (cluster.peak_tflops * 1e12 * cluster.mfu)
-    micro_steps = accumulation if accumulation is not None else math.ceil(images_per_gpu / micro)
+    micro_steps = accumulation
     comm = int(3 * BF16 * profile.params * micro_steps * (world - 1) / world)
     return Plan(
         config=config_name,
@@ -475,7 +476,7 @@ def _count(n: int) -> str:
 def format_plan(plan: Plan) -> str:
     """The plan as a fixed-width report (what ``coatnet-plan`` prints)."""
     p, c, s = plan.profile, plan.cluster, plan.states
-    accum = str(plan.accumulation) if plan.accumulation is not None else "not an integer"
+    accum = str(plan.accumulation)
     lines = [
         f"{plan.config}: {p.name} at {p.image_size}x{p.image_size}, {p.params:,} parameters, "
         f"{_count(p.macs_per_image)} MACs/image",

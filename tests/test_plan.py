@@ -332,6 +332,11 @@ def test_cli_prints_the_plan(capsys):
         (["--gpu-memory", "80GiB", "--mfu", "1.5"], "--mfu must be in"),
         (["--gpu-memory", "80GiB"], "model.num_classes is null"),
         (["--gpu-memory", "80GiB", "model.nme=x"], "unknown key 'model.nme'"),
+        # The trainer's own refusal, word for word (pretrain.ds_config.grad_accum_steps).
+        (
+            ["--gpu-memory", "80GiB", "model.num_classes=10", "engine.global_batch_size=96"],
+            "engine.global_batch_size=96 is not a multiple of data.batch_size x world size = 32 x 2 = 64",
+        ),
     ],
 )
 def test_cli_errors_name_what_is_wrong(capsys, args, message):
