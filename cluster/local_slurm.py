@@ -15,7 +15,7 @@ Developer use::
     sbatch ...; squeue; sinfo
     python -m cluster.local_slurm stop --base /tmp/slurm-dev
 
-Facts this relies on (measured, see shared/notes/slurm-on-one-machine.md): clients need SLURM_CONF;
+Facts this relies on (measured on Debian 12's slurm-wlm 22.05): clients need SLURM_CONF;
 munged refuses a socket in a 0700 directory; ``ip netns exec`` remounts /sys and slurmd then dies, so
 slurmd is entered with nsenter + unshare; ``cred_expire`` below 5 s silently becomes 120 s, and it is also
 the delay before a requeued job starts again.
