@@ -28,6 +28,11 @@ class ShardedDataset:
         for path in self.tar_paths:
             if not path.is_file():
                 raise FileNotFoundError(f"shard {path} listed in {self.root / 'manifest.json'} is missing")
+        for path in self.index_paths:
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"index file {path} of {self.root / 'manifest.json'} is missing (coatnet-data index rebuilds it)"
+                )
         blocked = [len(self.blocklist.blocked(s.name)) for s in manifest.shards]
         # [num_shards] samples per shard that may be read; the order plan is built on these counts
         self.counts = np.array([s.samples - b for s, b in zip(manifest.shards, blocked)], dtype=np.int64)

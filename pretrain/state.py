@@ -42,6 +42,7 @@ class TrainState:
     samples_seen: int = 0
     mlflow_run_id: str | None = None
     preemptions: int = 0
+    elapsed_s: float = 0.0  # wall-clock seconds of every job of this run up to the last save
 
     def state_dict(self) -> dict:
         return asdict(self)

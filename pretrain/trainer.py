@@ -29,7 +29,7 @@ from pretrain import dist
 from pretrain.card import model_card
 from pretrain.checkpoint import CheckpointManager, Committed, ResumePoint
 from pretrain.config import TrainConfig, resume_invariants
-from pretrain.configlib import dump_yaml, flatten, to_tree
+from pretrain.configlib import ConfigError, dump_yaml, flatten, to_tree
 from pretrain.ds_config import deepspeed_config, grad_accum_steps
 from pretrain.ema import NoEma, ShardedEma
 from pretrain.engine import build_engine, build_model, full_parameter_count
@@ -106,7 +106,8 @@ class Trainer:
         )
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self._loss_count = 0
-        self._started = time.time()
+        self._started = time.time()  # this job's start; earlier jobs' time is in state.elapsed_s
+        self._elapsed_before = 0.0
 
     # ================================================================================================ build
 
@@ -251,9 +252,9 @@ class Trainer:
         if self.ema.ready:
             self._export_ema()
         log.info(
-            "done: %d steps in %s%s",
+            "done: %d steps in %s (all jobs of this run)%s",
             self.state.step,
-            format_eta(time.time() - self._started),
+            format_eta(self._elapsed()),
             "".join(f", {k} {v:.4f}" for k, v in final.items() if k != "samples"),
         )
         return EXIT_OK
@@ -311,6 +312,10 @@ class Trainer:
         if lost:
             log.info("resumed after a %s; %.0f s of training time lost", lost[-1].cause, lost[-1].seconds)
             self.tracker.log_metrics({"preemption/lost_s": lost[-1].seconds}, step)
+
+    def _elapsed(self) -> float:
+        """Wall-clock seconds of this run across requeues (time lost between jobs not included)."""
+        return self._elapsed_before + time.time() - self._started
 
     def _epoch(self) -> float:
         return self.state.samples_seen / max(1, self.train_loader.samples_per_epoch)
@@ -372,6 +377,7 @@ class Trainer:
         if self.checkpoints.holds(step):
             return  # e.g. a stop request or the end right after a periodic save
         self.state.mlflow_run_id = self.tracker.run_id or self.state.mlflow_run_id
+        self.state.elapsed_s = self._elapsed()
         t0 = time.perf_counter()
         meta = {"resume_invariants": resume_invariants(self.cfg), "card": self._card()}
         path = self.checkpoints.save(
@@ -388,6 +394,7 @@ class Trainer:
             return None
         saved = self.checkpoints.load(self.engine, self.resume)
         self.client.load_state_dict(saved, self.engine, where=str(self.resume.ckpt.path))
+        self._elapsed_before = self.state.elapsed_s
         log.info(
             "resumed from %s at step %d (epoch %.2f)", self.resume.ckpt.path, self.state.step, self._epoch()
         )
@@ -450,14 +457,21 @@ class Trainer:
 
 
 def _check_inputs(cfg: TrainConfig) -> None:
-    """Fail before anything is written when an input the config names is missing."""
-    for key, value in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
-        if value and not (Path(value) / "manifest.json").exists():
-            raise FileNotFoundError(
-                f"{key}: {value} has no manifest.json (make shards with `coatnet-data build`)"
-            )
+    """Fail on every rank before anything is written when an input the config names is unusable: every
+    manifest, shard and index file (each rank would otherwise find its own missing file at its own step)."""
+    from data_pipeline.dataset import ShardedDataset
+
     if not cfg.data.train:
-        raise FileNotFoundError("data.train: no training shards configured")
+        raise ConfigError("data.train: no training shards configured")
+    for key, value in (("data.train", cfg.data.train), ("data.val", cfg.data.val)):
+        if not value:
+            continue
+        if not (Path(value) / "manifest.json").exists():
+            raise ConfigError(f"{key}: {value} has no manifest.json (make shards with `coatnet-data build`)")
+        try:
+            ShardedDataset(value)
+        except (FileNotFoundError, ValueError) as exc:
+            raise ConfigError(f"{key}: {exc}") from None
 
 
 def _checkpoint_root(cfg: TrainConfig, run_dir: Path) -> Path:

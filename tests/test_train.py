@@ -10,10 +10,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from cluster.local_slurm import free_port
-from tests.helpers.launch import CONFIGS, data_overrides, read_metrics, run_script, run_training
-
-REPO = Path(__file__).resolve().parents[1]
-SMOKE = CONFIGS / "smoke.yaml"
+from tests.helpers.launch import REPO, SMOKE, data_overrides, read_metrics, run_script, run_training, tail
 
 
 def train(launcher: str, run_dir: Path, shards: Path, *overrides: str) -> subprocess.CompletedProcess:
@@ -75,6 +72,7 @@ def test_torchrun_with_unreachable_tracking_server(tmp_path: Path, digits_shards
     assert "training goes on without tracking" in proc.stdout
 
 
+@pytest.mark.slow
 def test_single_process_with_local_mlflow_store(tmp_path: Path, digits_shards: Path) -> None:
     run_dir = tmp_path / "single-run"
     proc = train("single", run_dir, digits_shards, "schedule.steps=150", "data.batch_size=64")
@@ -83,6 +81,22 @@ def test_single_process_with_local_mlflow_store(tmp_path: Path, digits_shards: P
     (run,) = client.search_runs([client.get_experiment_by_name("coatnet").experiment_id])
     assert run.data.tags["world_size"] == "1" and run.data.tags["launcher"] == "single"
     assert client.get_metric_history(run.info.run_id, "loss")
+    assert "done: 150 steps in" in proc.stdout and "(all jobs of this run)" in proc.stdout
+
+    # The same command on the finished run: says so, exits 0, adds nothing (no second evaluation).
+    metrics, config = (run_dir / "metrics.jsonl").read_text(), (run_dir / "config.yaml").read_text()
+    again = train("single", run_dir, digits_shards, "schedule.steps=150", "data.batch_size=64")
+    assert again.returncode == 0 and "already finished at step 150: nothing to do" in again.stdout, tail(
+        again
+    )
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
+
+    # A resume with a changed invariant: one line naming the key, old -> new; the run folder as it was.
+    changed = train("single", run_dir, digits_shards, "schedule.steps=150", "data.batch_size=32")
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr, tail(changed)
+    assert "data.batch_size: 64 -> 32" in changed.stderr and changed.stderr.count("\n") == 1, tail(changed)
+    assert (run_dir / "config.yaml").read_text() == config and not list(run_dir.glob("config.*.yaml"))
+    assert not (run_dir / "LOCK").exists()  # released by the refused job
 
 
 @pytest.mark.slow
