@@ -22,8 +22,10 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -168,12 +170,49 @@ def init_distributed(info: RankInfo, timeout_minutes: int) -> torch.device:
     import deepspeed  # heavy import, only where it is needed
 
     _export_env(info)
+    if info.local_rank == 0:
+        remove_stale_shm()
     deepspeed.init_distributed(
         dist_backend="nccl" if device.type == "cuda" else "gloo",
         timeout=datetime.timedelta(minutes=timeout_minutes),
         verbose=False,
     )
+    _unlink_own_shm(info)
     return device
+
+
+# DeepSpeed's CPU collectives (all ranks on one machine) map one 69 MB POSIX shared-memory segment per
+# rank, /dev/shm/deepspeed_allreduce_buffer_<uid>_<MASTER_ADDR>_<MASTER_PORT>_<rank>, and never unlink
+# them: every run left 2 x 69 MB behind (3 GB after a day of tests), and /dev/shm counts as memory.
+SHM_DIR = Path("/dev/shm")
+SHM_PREFIX = "deepspeed_allreduce_buffer"
+SHM_STALE_S = 600.0
+
+
+def _unlink_own_shm(info: RankInfo) -> None:
+    """Once every rank has mapped every other rank's segment (init_distributed did that; the barrier
+    makes sure all ranks are past it), the names can go: the mappings live until the processes exit, and
+    nothing is left behind even when a rank is SIGKILLed."""
+    barrier()
+    name = (
+        f"{SHM_PREFIX}_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_{os.environ.get('MASTER_PORT', '')}"
+    )
+    (SHM_DIR / f"{name}_{info.rank}").unlink(missing_ok=True)
+
+
+def remove_stale_shm(now: float | None = None) -> list[Path]:
+    """Remove this user's DeepSpeed segments older than SHM_STALE_S (left by runs that died during their
+    first seconds, or by runs of versions before `_unlink_own_shm`). Returns what was removed."""
+    now = time.time() if now is None else now
+    removed = []
+    for path in SHM_DIR.glob(f"{SHM_PREFIX}_{os.getuid()}_*"):
+        try:
+            if now - path.stat().st_mtime > SHM_STALE_S:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def is_initialized() -> bool:

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from pretrain import dist
 from pretrain.dist import _first_slurm_host, detect
+from tests.helpers.launch import REPO, free_port
 
 PROBE = Path(__file__).parent / "helpers" / "rank_probe.py"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def test_detect_from_environment() -> None:
@@ -75,7 +76,15 @@ def _run_probe(cmd: list[str], out: Path) -> list[dict]:
 @pytest.mark.multiprocess
 def test_torchrun_two_ranks(tmp_path: Path) -> None:
     reports = _run_probe(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29611"],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+        ],
         tmp_path,
     )
     assert [r["rank"] for r in reports] == [0, 1]
@@ -87,12 +96,31 @@ def test_torchrun_two_ranks(tmp_path: Path) -> None:
 def test_deepspeed_launcher_two_ranks(tmp_path: Path) -> None:
     launcher = shutil.which("deepspeed", path=str(Path(sys.executable).parent))
     assert launcher, "the deepspeed launcher is installed with the package"
-    reports = _run_probe([launcher, "--num_gpus", "2", "--master_port", "29612"], tmp_path)
+    port = free_port()
+    reports = _run_probe([launcher, "--num_gpus", "2", "--master_port", str(port)], tmp_path)
     assert [r["rank"] for r in reports] == [0, 1]
     assert all(r["launcher"] == "deepspeed" and r["world_size"] == 2 and r["sum"] == 3.0 for r in reports)
     assert [r["local_rank"] for r in reports] == [0, 1]
+    # DeepSpeed's shared-memory collectives (LOCAL_SIZE is set) are unlinked once mapped: nothing left
+    # in /dev/shm while the run goes on, nor after it.
+    assert [r["shm_left"] for r in reports] == [[], []]
+    assert not list(Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def test_single_process(tmp_path: Path) -> None:
     (report,) = _run_probe([sys.executable], tmp_path)
     assert report["launcher"] == "single" and report["world_size"] == 1 and report["sum"] == 1.0
+
+
+def test_stale_shared_memory_segments_are_removed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(dist, "SHM_DIR", tmp_path)
+    uid = os.getuid()
+    old = tmp_path / f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_1234_0"
+    fresh = tmp_path / f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_5678_0"
+    other_user = tmp_path / f"deepspeed_allreduce_buffer_{uid + 1}_127.0.0.1_1234_0"
+    for path in (old, fresh, other_user):
+        path.write_bytes(b"x")
+    os.utime(old, (0, 0))
+    os.utime(other_user, (0, 0))
+    assert dist.remove_stale_shm() == [old]
+    assert fresh.exists() and other_user.exists() and not old.exists()

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,9 @@ info = dist.detect()
 setup_logging(info, out_dir / "logs")
 dist.init_distributed(info, timeout_minutes=2)
 total = dist.all_reduce_sum(torch.tensor([float(info.rank + 1)]))
+dist.barrier()  # every rank is past its shm clean-up
+port = os.environ["MASTER_PORT"]
+shm_left = sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 logging.getLogger("pretrain.probe").info("hello from rank %d", info.rank)
 (out_dir / f"probe{info.rank}.json").write_text(
     json.dumps(
@@ -25,6 +29,7 @@ logging.getLogger("pretrain.probe").info("hello from rank %d", info.rank)
             "sum": total.item(),
             "torch_rank": torch.distributed.get_rank(),
             "torch_world": torch.distributed.get_world_size(),
+            "shm_left": shm_left,
         }
     )
 )
