@@ -12,9 +12,9 @@ import ast
 from pathlib import Path
 
 import pretrain.model
+from tests.helpers.launch import REPO
 
 MODEL_DIR = Path(pretrain.model.__file__).parent
-REPO = MODEL_DIR.parents[1]
 FORBIDDEN_MODULES = ("torch.distributed", "deepspeed", "logging")
 FORBIDDEN_NAMES = {"get_rank", "get_world_size", "is_initialized", "RANK", "LOCAL_RANK", "WORLD_SIZE"}
 

@@ -12,8 +12,7 @@ import yaml
 from pretrain.config import TrainConfig, config_docs_markdown, load_config, resume_hash
 from pretrain.configlib import ConfigError, dump_yaml
 from pretrain.ds_config import deepspeed_config
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.launch import REPO
 
 
 def write(path: Path, text: str) -> Path:

@@ -6,11 +6,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 from pretrain.model import count_macs, create_model
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers.launch import REPO
 
 
 def test_model_speed_benchmark_reports_every_configuration(tmp_path):

@@ -13,14 +13,11 @@ import os
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import torch
 
 from pretrain.model import create_model, resize_relative_bias_tables
-
-REPO = Path(__file__).resolve().parents[1]
-
+from tests.helpers.launch import REPO
 
 SMALL = {"depths": [1, 1, 1, 2, 1], "dims": [32, 32, 64, 128, 256], "head_dim": 32, "num_classes": 10}
 DS = {

@@ -15,7 +15,6 @@ import re
 import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -23,9 +22,8 @@ import torch
 from pretrain import plan
 from pretrain.config import EngineConfig, ModelConfig, load_config
 from pretrain.model import create_model
+from tests.helpers.launch import CONFIGS, REPO
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIGS = REPO / "configs"
 SMALL = {"depths": [1, 1, 1, 2, 1], "dims": [32, 32, 64, 128, 256], "head_dim": 32}
 H100 = plan.Cluster(
     nodes=8,

@@ -8,7 +8,6 @@ Runnable recipes are the files not starting with "_"; those are shared bases (on
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,8 +17,8 @@ from pretrain.config import TrainConfig, load_config
 from pretrain.ds_config import deepspeed_config
 from pretrain.model import create_model
 from pretrain.model.macs import PUBLISHED_PARAMS
+from tests.helpers.launch import CONFIGS
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 RECIPES = sorted(p.name for p in CONFIGS.glob("coatnet*.yaml"))
 BASES = sorted(p.name for p in CONFIGS.glob("_*.yaml"))
 
