@@ -136,12 +136,13 @@ def export(run_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out))
 
 
-def test_init_reads_a_checkpoint_folder_like_its_export(pretrained_export: Path) -> None:
-    """`init.path` may name the pre-training checkpoint folder directly: the same weights as the export."""
+def test_init_refuses_a_checkpoint_folder_and_names_the_export_command(pretrained_export: Path) -> None:
+    """Checkpoint folders are pickles; initial weights come from exports (safetensors) only."""
     from pretrain.transfer import read_state_dict
 
-    exported = load_file(str(pretrained_export))
-    direct = read_state_dict(pretrained_export.parent / "pre" / "checkpoints")
-    assert direct.keys() == exported.keys()
-    for key, tensor in exported.items():
-        assert torch.equal(direct[key].to(tensor.dtype), tensor), key
+    folder = pretrained_export.parent / "pre" / "checkpoints"
+    with pytest.raises(
+        ValueError, match=r"is a folder; initial weights come from an export: run `coatnet-export"
+    ):
+        read_state_dict(folder)
+    assert read_state_dict(pretrained_export).keys() == load_file(str(pretrained_export)).keys()
