@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -27,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .blocks import MBConv, RelativeAttention, Stem, TransformerBlock
 from .config import CoAtNetConfig
-from .layers import Linear
+from .layers import Linear, recomputing
 from .relative_bias import TABLE_SUFFIX
 
 
@@ -43,36 +42,33 @@ class Stage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False, context_fn=_recompute_context_fn(block))
+                x = checkpoint_block(block, x)
             else:
                 x = block(x)
         return x
 
 
-def _recompute_context_fn(
-    block: nn.Module,
-) -> Callable[[], tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]]:
-    """checkpoint context_fn: the recomputation must not update BatchNorm running statistics twice."""
+def checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)`` under non-reentrant torch.utils.checkpoint, BatchNorm statistics updated once.
 
-    def context_fn() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        return contextlib.nullcontext(), _preserved_batchnorm_stats(block)
+    Eager: checkpoint calls ``run`` in the forward and again in backward to recompute; every call after
+    the first runs under ``recomputing()``, where ``layers.BatchNorm2d`` skips its running-stat update.
+    Compiled: dynamo turns the checkpoint into a region whose recomputation the partitioner cuts out of
+    the traced graph; the running-stat updates are graph outputs copied into the buffers once, after
+    the forward, and are never replayed. So dynamo gets the plain call, with nothing for it to trace
+    but the block (a closure that counts its calls is a side effect it refuses inside the region).
+    """
+    if torch.compiler.is_compiling():
+        return checkpoint(block, x, use_reentrant=False)
+    calls = 0
 
-    return context_fn
+    def run(inp: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        with recomputing() if calls > 1 else contextlib.nullcontext():
+            return block(inp)
 
-
-@contextlib.contextmanager
-def _preserved_batchnorm_stats(block: nn.Module) -> Iterator[None]:
-    """Snapshot BatchNorm buffers of ``block`` and restore them on exit (a few KB per block)."""
-    norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for m, (mean, var, count) in zip(norms, saved):
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(count)
+    return checkpoint(run, x, use_reentrant=False)
 
 
 class Head(nn.Module):
@@ -99,8 +95,9 @@ class CoAtNet(nn.Module):
     ``forward_features`` returns the last stage's (B, H/32, W/32, D) token map; ``forward_head`` pools
     and classifies it. Input: (B, C, H, W) with H and W divisible by the total stride.
 
-    The convolutional stages use plain ``nn.BatchNorm2d`` as in the paper: each data-parallel rank keeps
-    its own running statistics (not synchronised), so an export must make them consistent.
+    The convolutional stages use BatchNorm as in the paper (``layers.BatchNorm2d``, which keeps its
+    statistics right under checkpointing): each data-parallel rank keeps its own running statistics (not
+    synchronised), so an export must make them consistent.
     """
 
     def __init__(self, config: CoAtNetConfig) -> None:
