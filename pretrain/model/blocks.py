@@ -26,12 +26,12 @@ from .relative_bias import (
 class Stem(nn.Module):
     """S0: conv 3x3 stride 2 -> [BN -> GELU -> conv 3x3] x (depth - 1); nothing after the last conv."""
 
-    def __init__(self, in_chans: int, dim: int, depth: int, bn_eps: float) -> None:
+    def __init__(self, in_chans: int, dim: int, depth: int, bn_eps: float, bn_momentum: float) -> None:
         super().__init__()
         layers: list[nn.Module] = [Conv2d(in_chans, dim, 3, stride=2, padding=1, bias=depth == 1)]
         for i in range(1, depth):
             layers += [
-                BatchNorm2d(dim, eps=bn_eps),
+                BatchNorm2d(dim, eps=bn_eps, momentum=bn_momentum),
                 nn.GELU(),
                 # Only the last conv has a bias: every earlier one is followed by BatchNorm.
                 Conv2d(dim, dim, 3, stride=1, padding=1, bias=i == depth - 1),
@@ -61,6 +61,7 @@ class MBConv(nn.Module):
         se_ratio: float,
         drop_path: float,
         bn_eps: float,
+        bn_momentum: float,
     ) -> None:
         super().__init__()
         mid = expand_ratio * dim_out
@@ -68,11 +69,11 @@ class MBConv(nn.Module):
         stride_dw = stride if downsample == "depthwise" else 1
         self.pool = nn.MaxPool2d(2, 2) if stride == 2 else nn.Identity()
         self.proj = Conv2d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
-        self.norm = BatchNorm2d(dim_in, eps=bn_eps)
+        self.norm = BatchNorm2d(dim_in, eps=bn_eps, momentum=bn_momentum)
         self.conv_expand = Conv2d(dim_in, mid, 1, stride=stride_1x1, bias=False)
-        self.norm1 = BatchNorm2d(mid, eps=bn_eps)
+        self.norm1 = BatchNorm2d(mid, eps=bn_eps, momentum=bn_momentum)
         self.conv_dw = Conv2d(mid, mid, 3, stride=stride_dw, padding=1, groups=mid, bias=False)
-        self.norm2 = BatchNorm2d(mid, eps=bn_eps)
+        self.norm2 = BatchNorm2d(mid, eps=bn_eps, momentum=bn_momentum)
         self.se = SqueezeExcite(mid, int(se_ratio * dim_out))
         self.conv_project = Conv2d(mid, dim_out, 1)
         self.drop_path = DropPath(drop_path)

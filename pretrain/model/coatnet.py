@@ -190,7 +190,8 @@ def _build_stages(config: CoAtNetConfig) -> list[Stage]:
     residual_blocks = sum(config.depths[1:])
     rates = [config.drop_path_rate * i / max(residual_blocks - 1, 1) for i in range(residual_blocks)]
     grids = config.stage_grids()
-    stages = [Stage("stem", [Stem(config.in_chans, config.dims[0], config.depths[0], config.bn_eps)])]
+    stem = Stem(config.in_chans, config.dims[0], config.depths[0], config.bn_eps, config.bn_momentum)
+    stages = [Stage("stem", [stem])]
     block_index = 0
     for s in range(1, len(config.depths)):
         blocks: list[nn.Module] = []
@@ -217,6 +218,7 @@ def _build_block(
             se_ratio=config.se_ratio,
             drop_path=drop_path,
             bn_eps=config.bn_eps,
+            bn_momentum=config.bn_momentum,
         )
     return TransformerBlock(
         dim_in,
