@@ -53,17 +53,20 @@ def checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
     Eager: checkpoint calls ``run`` in the forward and again in backward to recompute; every call after
     the first runs under ``recomputing()``, where ``layers.BatchNorm2d`` skips its running-stat update.
-    Compiled: dynamo turns the checkpoint into a region whose recomputation the partitioner cuts out of
-    the traced graph; the running-stat updates are graph outputs copied into the buffers once, after
-    the forward, and are never replayed. So dynamo gets the plain call, with nothing for it to trace
-    but the block (a closure that counts its calls is a side effect it refuses inside the region).
+
+    Compiled (torch.compile of the model): dynamo traces the checkpoint into a region of the graph; the
+    partitioner recomputes it in the backward graph, and the running-stat updates stay in the forward,
+    applied once. ``run`` then only calls the block: counting calls would be a side effect, which
+    dynamo refuses inside a checkpoint region. The count is still there whenever ``run`` really runs
+    eagerly, including when dynamo cannot trace the region (a graph break in the block, e.g. ZeRO-3's
+    compiler-disabled parameter hooks) and falls back to calling this checkpoint eagerly.
     """
-    if torch.compiler.is_compiling():
-        return checkpoint(block, x, use_reentrant=False)
     calls = 0
 
     def run(inp: torch.Tensor) -> torch.Tensor:
         nonlocal calls
+        if torch.compiler.is_compiling():
+            return block(inp)
         calls += 1
         with recomputing() if calls > 1 else contextlib.nullcontext():
             return block(inp)

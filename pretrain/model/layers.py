@@ -56,9 +56,8 @@ class Conv2d(nn.Conv2d):
             nn.init.zeros_(self.bias)
 
 
-# True while torch.utils.checkpoint recomputes a block in backward (eager mode; see ``recomputing``).
-# A plain module global: dynamo guards on its value, so a compiled region called in both phases gets
-# one graph per value instead of baking in the forward's.
+# True while an eager torch.utils.checkpoint recomputes a block in backward (set by
+# ``coatnet.checkpoint_block`` through ``recomputing``).
 _RECOMPUTING = False
 
 
