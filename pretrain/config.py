@@ -143,6 +143,11 @@ class EngineConfig:
     peak_tflops: float = doc(
         "Device peak bf16 TFLOP/s for MFU (989 = H100 SXM dense; 0: no MFU).", 989.0, min=0.0
     )
+    compile: bool = doc(
+        "torch.compile the whole model through DeepSpeed's engine.compile (inductor); the first step compiles. "
+        "Off until measured on GPU (CPU figures: benchmarks/model_speed.py --compile).",
+        False,
+    )
 
 
 @dataclass
