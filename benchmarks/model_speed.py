@@ -2,7 +2,7 @@
 
     python benchmarks/model_speed.py                      # CoAtNet-0 at 224, batch 16
     python benchmarks/model_speed.py --batch-size 8 --steps 2 --json out.json
-    python benchmarks/model_speed.py --batch-size 8 --dtypes fp32 --modes infer --masks 3d 4d
+    python benchmarks/model_speed.py --batch-size 8 --dtypes fp32 --modes infer --masks 3d 4d --interleave
     python benchmarks/model_speed.py --modes train --dtypes fp32 --compile   # eager vs torch.compile
 
 Each configuration runs in its own process so that its peak resident memory is its own. Configurations:
@@ -11,8 +11,10 @@ on) and inference (eval mode, ``torch.inference_mode``); the attention-mask layo
 or ``3d``, the layout before it, which keeps CPU attention on the unfused math kernel: for before/after
 figures in one run); eager, and with ``--compile`` also ``torch.compile`` of the whole model (what
 ``engine.compile`` does). A configuration times ``--steps`` batches after one warm-up step (which, when
-compiled, includes the compilation: reported as warm-up seconds). Reported per configuration:
-- images/s;
+compiled, includes the compilation: reported as warm-up seconds). ``--interleave`` measures all mask
+layouts in one process, alternating steps between them, for a before/after ratio that a drifting load
+on a shared machine does not bias. Reported per configuration:
+- images/s, from the median step time;
 - achieved GFLOP/s: the model's FLOPs per image (training: forward+backward, 3x the forward FLOPs that
   torch's FlopCounterMode counts on the meta device, checkpointing's recomputation not counted, as in
   MFU; inference: the forward FLOPs) times images/s;
@@ -28,6 +30,7 @@ import contextlib
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -102,8 +105,12 @@ def mask_layout(mask: str) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def run_worker(args: argparse.Namespace) -> dict:
-    """Measure one configuration in this process; returns the figures as a dict."""
+def run_worker(args: argparse.Namespace) -> list[dict]:
+    """Measure one configuration in this process, one row per mask layout in ``args.worker_masks``.
+
+    With several layouts the steps alternate between them (3d, 4d, 3d, 4d, ...), so that a change of
+    the machine's load hits every layout alike; each row reports the median of its step times.
+    """
     torch.manual_seed(0)
     dtype = DTYPES[args.dtype]
     train = args.mode == "train"
@@ -115,58 +122,70 @@ def run_worker(args: argparse.Namespace) -> dict:
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size)
     rss_before = rss_mib()
 
-    def step() -> None:
-        if train:
-            model.zero_grad(set_to_none=True)
-            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                loss = model(x).float().logsumexp(1).mean()
-            loss.backward()
-        else:
-            with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-                model(x)
+    def step(mask: str) -> float:
+        start = time.perf_counter()
+        with mask_layout(mask):
+            if train:
+                model.zero_grad(set_to_none=True)
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                    loss = model(x).float().logsumexp(1).mean()
+                loss.backward()
+            else:
+                with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                    model(x)
+        return time.perf_counter() - start
 
-    with mask_layout(args.mask):
-        start = time.perf_counter()
-        step()  # warm-up: allocates gradients, picks kernels, compiles
-        warmup = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(args.steps):
-            step()
-        elapsed = time.perf_counter() - start
-    images_per_s = args.batch_size * args.steps / elapsed
+    # Warm-up: allocates gradients, picks kernels, compiles (per layout: another graph when compiled).
+    warmup = {mask: step(mask) for mask in args.worker_masks}
+    times: dict[str, list[float]] = {mask: [] for mask in args.worker_masks}
+    for _ in range(args.steps):
+        for mask in args.worker_masks:
+            times[mask].append(step(mask))
     # Measured on both sides of the model: the machine may be shared and its load may drift.
     reference = (
         reference_before + matmul_gflops(dtype or torch.float32, min_seconds=args.matmul_seconds)
     ) / 2
     flops = train_flops_per_image(args) / (1 if train else 3)
-    achieved = flops * images_per_s / 1e9
-    return {
-        "dtype": args.dtype,
-        "mode": args.mode,
-        "checkpointing": args.checkpointing,
-        "mask": args.mask,
-        "compiled": args.compiled,
-        "images_per_s": images_per_s,
-        "step_s": elapsed / args.steps,
-        "warmup_s": warmup,
-        "gflops": achieved,
-        "matmul_gflops": reference,
-        "ratio_to_matmul": achieved / reference,
-        "peak_rss_mib": peak_rss_mib(),
-        "rss_growth_mib": peak_rss_mib() - rss_before,
-    }
+    rows = []
+    for mask in args.worker_masks:
+        step_s = statistics.median(times[mask])
+        images_per_s = args.batch_size / step_s
+        achieved = flops * images_per_s / 1e9
+        rows.append(
+            {
+                "dtype": args.dtype,
+                "mode": args.mode,
+                "checkpointing": args.checkpointing,
+                "mask": mask,
+                "compiled": args.compiled,
+                "images_per_s": images_per_s,
+                "step_s": step_s,
+                "step_times_s": times[mask],
+                "warmup_s": warmup[mask],
+                "gflops": achieved,
+                "matmul_gflops": reference,
+                "ratio_to_matmul": achieved / reference,
+                "peak_rss_mib": peak_rss_mib(),
+                "rss_growth_mib": peak_rss_mib() - rss_before,
+            }
+        )
+    return rows
 
 
 def configurations(args: argparse.Namespace) -> list[dict]:
-    """Every (dtype, compiled, mask, mode, checkpointing) asked for; checkpointing only in training."""
+    """Every (dtype, compiled, masks, mode, checkpointing) worker; checkpointing only in training.
+
+    Each mask layout gets its own worker, or with ``--interleave`` all layouts share one.
+    """
     out = []
+    mask_groups = [args.masks] if args.interleave else [[m] for m in args.masks]
     for dtype in args.dtypes:
         for compiled in (False, True) if args.compile else (False,):
-            for mask in args.masks:
+            for masks in mask_groups:
                 for mode in args.modes:
                     for ckpt in (False, True) if mode == "train" else (False,):
                         out.append(
-                            {"dtype": dtype, "compiled": compiled, "mask": mask, "mode": mode, "ckpt": ckpt}
+                            {"dtype": dtype, "compiled": compiled, "masks": masks, "mode": mode, "ckpt": ckpt}
                         )
     return out
 
@@ -176,14 +195,15 @@ def run_all(args: argparse.Namespace) -> list[dict]:
     results = []
     for c in configurations(args):
         cmd = [sys.executable, __file__, "--worker", "--dtype", c["dtype"], "--mode", c["mode"]]
-        cmd += ["--mask", c["mask"], *_shared_flags(args)]
+        cmd += ["--worker-masks", *c["masks"], *_shared_flags(args)]
         cmd += ["--checkpointing"] if c["ckpt"] else []
         cmd += ["--compiled"] if c["compiled"] else []
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             raise RuntimeError(f"benchmark worker {c} failed:\n{out.stderr}")
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(format_row(results[-1]), flush=True)
+        for row in json.loads(out.stdout.strip().splitlines()[-1]):
+            results.append(row)
+            print(format_row(row), flush=True)
     return results
 
 
@@ -247,6 +267,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--masks", nargs="+", default=["4d"], choices=MASKS, help="3d: the attention-mask layout before 4d"
     )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="measure all --masks in one process, alternating steps (robust to a drifting load; shared RSS)",
+    )
     parser.add_argument("--compile", action="store_true", help="also measure every configuration compiled")
     parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend for --compile")
     parser.add_argument(
@@ -256,7 +281,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--dtype", choices=list(DTYPES), help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
-    parser.add_argument("--mask", choices=MASKS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-masks", nargs="+", choices=MASKS, help=argparse.SUPPRESS)
     parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)

@@ -62,3 +62,8 @@ def test_model_speed_benchmark_compares_mask_layouts_and_compilation(tmp_path):
     assert "4d mask vs 3d: fp32 infer ckpt=off mask=4d compiled=False:" in stdout
     assert "compiled vs eager: fp32 infer ckpt=off mask=4d compiled=True:" in stdout
     assert all(r["images_per_s"] > 0 and r["warmup_s"] > 0 for r in rows)
+    # Interleaved: both layouts measured in one process, steps alternating between them.
+    flags = ["--dtypes", "fp32", "--modes", "infer", "--masks", "3d", "4d", "--interleave"]
+    _, rows = run_benchmark(tmp_path, *flags)
+    assert [r["mask"] for r in rows] == ["3d", "4d"]
+    assert rows[0]["peak_rss_mib"] == rows[1]["peak_rss_mib"] and len(rows[0]["step_times_s"]) == 1
