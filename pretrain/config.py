@@ -65,10 +65,17 @@ class ModelConfig:
         "Override: MBConv stride on the first 1x1 conv (paper default) or on the depthwise conv.", None
     )
     pre_logits: bool | None = doc("Override: keep the pre-logits Linear+tanh in the head.", None)
+    bn_momentum: float | None = doc(
+        "Override: BatchNorm momentum, PyTorch convention (1 - TensorFlow decay: TF's default "
+        "decay 0.99 is 0.01); null keeps the model's 0.1.",
+        None,
+        min=0.0,
+        max=1.0,
+    )
 
     def overrides(self) -> dict:
         """The architecture overrides that are set, as keyword arguments for `create_model`."""
-        keys = ("depths", "dims", "head_dim", "downsample", "pre_logits")
+        keys = ("depths", "dims", "head_dim", "downsample", "pre_logits", "bn_momentum")
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
@@ -136,6 +143,11 @@ class EngineConfig:
     )
     peak_tflops: float = doc(
         "Device peak bf16 TFLOP/s for MFU (989 = H100 SXM dense; 0: no MFU).", 989.0, min=0.0
+    )
+    compile: bool = doc(
+        "torch.compile the whole model through DeepSpeed's engine.compile (inductor); the first step compiles. "
+        "Off until measured on GPU (CPU figures: benchmarks/model_speed.py --compile).",
+        False,
     )
 
 

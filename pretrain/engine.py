@@ -37,13 +37,27 @@ def build_engine(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     ds_config: dict,
+    *,
+    compile_model: bool = False,
 ):
-    """DeepSpeed engine around the model, our optimizer and our schedule."""
+    """DeepSpeed engine around the model, our optimizer and our schedule; compiled if `compile_model`.
+
+    Compiling is `engine.compile()`, DeepSpeed's own path: the whole module, in place
+    (`nn.Module.compile`: parameter names, state dicts and checkpoints are unchanged), inductor.
+    The whole model rather than each block: a checkpointed block is then a region of the graph that
+    the partitioner recomputes (a block compiled on its own under an eager checkpoint may save other
+    tensors when recomputing than in its forward, which checkpoint rejects), and fusion does not stop
+    at block boundaries. Under ZeRO-3, DeepSpeed's compiler-disabled parameter hooks cut the graph at
+    every layer with parameters, and checkpointed blocks run eagerly (correctly: see
+    `pretrain.model.coatnet.checkpoint_block`). The first step pays the compilation.
+    """
     import deepspeed
 
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    if compile_model:
+        engine.compile()
     return engine
 
 

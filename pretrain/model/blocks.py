@@ -3,7 +3,8 @@
 Layouts: convolutional blocks take and return (B, C, H, W) tensors (channels-last memory is kept by the
 convs); Transformer blocks take and return (B, H, W, C) tensors, so attention and the MLP see tokens as a
 free view and 2x2 pooling needs no transpose. All residual blocks are pre-norm: x <- x + f(Norm(x)).
-BatchNorm2d is used in the convolutional blocks as in the paper; LayerNorm in the Transformer blocks.
+BatchNorm (``layers.BatchNorm2d``) is used in the convolutional blocks as in the paper; LayerNorm in the
+Transformer blocks.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2d, DropPath, Linear, SqueezeExcite, max_pool_nhwc, trunc_normal_
+from .layers import BatchNorm2d, Conv2d, DropPath, Linear, SqueezeExcite, max_pool_nhwc, trunc_normal_
 from .relative_bias import (
     TABLE_SUFFIX,
     interpolate_table,
@@ -25,12 +26,12 @@ from .relative_bias import (
 class Stem(nn.Module):
     """S0: conv 3x3 stride 2 -> [BN -> GELU -> conv 3x3] x (depth - 1); nothing after the last conv."""
 
-    def __init__(self, in_chans: int, dim: int, depth: int, bn_eps: float) -> None:
+    def __init__(self, in_chans: int, dim: int, depth: int, bn_eps: float, bn_momentum: float) -> None:
         super().__init__()
         layers: list[nn.Module] = [Conv2d(in_chans, dim, 3, stride=2, padding=1, bias=depth == 1)]
         for i in range(1, depth):
             layers += [
-                nn.BatchNorm2d(dim, eps=bn_eps),
+                BatchNorm2d(dim, eps=bn_eps, momentum=bn_momentum),
                 nn.GELU(),
                 # Only the last conv has a bias: every earlier one is followed by BatchNorm.
                 Conv2d(dim, dim, 3, stride=1, padding=1, bias=i == depth - 1),
@@ -60,6 +61,7 @@ class MBConv(nn.Module):
         se_ratio: float,
         drop_path: float,
         bn_eps: float,
+        bn_momentum: float,
     ) -> None:
         super().__init__()
         mid = expand_ratio * dim_out
@@ -67,11 +69,11 @@ class MBConv(nn.Module):
         stride_dw = stride if downsample == "depthwise" else 1
         self.pool = nn.MaxPool2d(2, 2) if stride == 2 else nn.Identity()
         self.proj = Conv2d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
-        self.norm = nn.BatchNorm2d(dim_in, eps=bn_eps)
+        self.norm = BatchNorm2d(dim_in, eps=bn_eps, momentum=bn_momentum)
         self.conv_expand = Conv2d(dim_in, mid, 1, stride=stride_1x1, bias=False)
-        self.norm1 = nn.BatchNorm2d(mid, eps=bn_eps)
+        self.norm1 = BatchNorm2d(mid, eps=bn_eps, momentum=bn_momentum)
         self.conv_dw = Conv2d(mid, mid, 3, stride=stride_dw, padding=1, groups=mid, bias=False)
-        self.norm2 = nn.BatchNorm2d(mid, eps=bn_eps)
+        self.norm2 = BatchNorm2d(mid, eps=bn_eps, momentum=bn_momentum)
         self.se = SqueezeExcite(mid, int(se_ratio * dim_out))
         self.conv_project = Conv2d(mid, dim_out, 1)
         self.drop_path = DropPath(drop_path)
@@ -138,11 +140,25 @@ class RelativeAttention(nn.Module):
         # (B, N, 3*D) -> (3, B, heads, N, head_dim)
         qkv = self.qkv(x.reshape(b, n, -1)).view(b, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        # SDPA wants the float mask in the query dtype (bf16 under autocast); it broadcasts over B.
-        bias = self.relative_bias((h, w), q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, heads, N, head_dim)
+        # SDPA wants the float mask in the query dtype (bf16 under autocast).
+        out = biased_attention(q, k, v, self.relative_bias((h, w), q.dtype))  # (B, heads, N, head_dim)
         out = out.transpose(1, 2).reshape(b, h, w, self.heads * self.head_dim)
         return self.proj(out)
+
+
+def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v for (B, heads, N, d) q/k/v and a (heads, N, N) bias.
+
+    The bias goes to SDPA as a (1, heads, N, N) view, broadcast over the batch. The layout decides the
+    kernel: on CPU a 3-D mask always takes the unfused math path, a 4-D one takes the fused flash kernel
+    when the mask needs no gradient (inference: one S3 layer of CoAtNet-0, batch 8, ~3x faster); in
+    training the learned bias needs its gradient and CPU falls back to math either way. On CUDA the
+    memory-efficient kernel (the one that takes a mask with a gradient) expands either layout to
+    (B, heads, N, N) without a copy as long as every stride but the last is a multiple of 8: the padded
+    rows of ``RelativeAttention.relative_bias`` give that, and unsqueeze keeps it (the new leading
+    stride is heads x N x N_pad).
+    """
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
 
 
 def _padded_index(grid: tuple[int, int], device: torch.device | None = None) -> torch.Tensor:

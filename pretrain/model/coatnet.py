@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -27,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .blocks import MBConv, RelativeAttention, Stem, TransformerBlock
 from .config import CoAtNetConfig
-from .layers import Linear
+from .layers import Linear, recomputing
 from .relative_bias import TABLE_SUFFIX
 
 
@@ -43,36 +42,36 @@ class Stage(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:
             if self.grad_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False, context_fn=_recompute_context_fn(block))
+                x = checkpoint_block(block, x)
             else:
                 x = block(x)
         return x
 
 
-def _recompute_context_fn(
-    block: nn.Module,
-) -> Callable[[], tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]]:
-    """checkpoint context_fn: the recomputation must not update BatchNorm running statistics twice."""
+def checkpoint_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``block(x)`` under non-reentrant torch.utils.checkpoint, BatchNorm statistics updated once.
 
-    def context_fn() -> tuple[contextlib.AbstractContextManager, contextlib.AbstractContextManager]:
-        return contextlib.nullcontext(), _preserved_batchnorm_stats(block)
+    Eager: checkpoint calls ``run`` in the forward and again in backward to recompute; every call after
+    the first runs under ``recomputing()``, where ``layers.BatchNorm2d`` skips its running-stat update.
 
-    return context_fn
+    Compiled (torch.compile of the model): dynamo traces the checkpoint into a region of the graph; the
+    partitioner recomputes it in the backward graph, and the running-stat updates stay in the forward,
+    applied once. ``run`` then only calls the block: counting calls would be a side effect, which
+    dynamo refuses inside a checkpoint region. The count is still there whenever ``run`` really runs
+    eagerly, including when dynamo cannot trace the region (a graph break in the block, e.g. ZeRO-3's
+    compiler-disabled parameter hooks) and falls back to calling this checkpoint eagerly.
+    """
+    calls = 0
 
+    def run(inp: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        if torch.compiler.is_compiling():
+            return block(inp)
+        calls += 1
+        with recomputing() if calls > 1 else contextlib.nullcontext():
+            return block(inp)
 
-@contextlib.contextmanager
-def _preserved_batchnorm_stats(block: nn.Module) -> Iterator[None]:
-    """Snapshot BatchNorm buffers of ``block`` and restore them on exit (a few KB per block)."""
-    norms = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [[b.clone() for b in (m.running_mean, m.running_var, m.num_batches_tracked)] for m in norms]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for m, (mean, var, count) in zip(norms, saved):
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(count)
+    return checkpoint(run, x, use_reentrant=False)
 
 
 class Head(nn.Module):
@@ -99,8 +98,9 @@ class CoAtNet(nn.Module):
     ``forward_features`` returns the last stage's (B, H/32, W/32, D) token map; ``forward_head`` pools
     and classifies it. Input: (B, C, H, W) with H and W divisible by the total stride.
 
-    The convolutional stages use plain ``nn.BatchNorm2d`` as in the paper: each data-parallel rank keeps
-    its own running statistics (not synchronised), so an export must make them consistent.
+    The convolutional stages use BatchNorm as in the paper (``layers.BatchNorm2d``, which keeps its
+    statistics right under checkpointing): each data-parallel rank keeps its own running statistics (not
+    synchronised), so an export must make them consistent.
     """
 
     def __init__(self, config: CoAtNetConfig) -> None:
@@ -193,7 +193,8 @@ def _build_stages(config: CoAtNetConfig) -> list[Stage]:
     residual_blocks = sum(config.depths[1:])
     rates = [config.drop_path_rate * i / max(residual_blocks - 1, 1) for i in range(residual_blocks)]
     grids = config.stage_grids()
-    stages = [Stage("stem", [Stem(config.in_chans, config.dims[0], config.depths[0], config.bn_eps)])]
+    stem = Stem(config.in_chans, config.dims[0], config.depths[0], config.bn_eps, config.bn_momentum)
+    stages = [Stage("stem", [stem])]
     block_index = 0
     for s in range(1, len(config.depths)):
         blocks: list[nn.Module] = []
@@ -220,6 +221,7 @@ def _build_block(
             se_ratio=config.se_ratio,
             drop_path=drop_path,
             bn_eps=config.bn_eps,
+            bn_momentum=config.bn_momentum,
         )
     return TransformerBlock(
         dim_in,

@@ -51,6 +51,10 @@ class CoAtNetConfig:
     # Maximum stochastic-depth rate; block i of n gets drop_path_rate * i / (n - 1).
     drop_path_rate: float = 0.0
     bn_eps: float = 1e-5
+    # PyTorch convention: running = (1 - momentum) * running + momentum * batch. TensorFlow's decay d is
+    # momentum 1 - d (the paper's TF default decay 0.99 would be 0.01); 0.1 is torch's default, which
+    # this model has always used (docs/coatnet.md does not fix it).
+    bn_momentum: float = 0.1
     ln_eps: float = 1e-5
     notes: str = field(default="", compare=False)
 
@@ -134,6 +138,15 @@ class CoAtNetConfig:
             )
         if not isinstance(self.pre_logits, bool):
             raise ValueError(f"CoAtNetConfig '{self.name}': 'pre_logits' must be true or false")
+        if (
+            isinstance(self.bn_momentum, bool)
+            or not isinstance(self.bn_momentum, (int, float))
+            or not (0.0 < self.bn_momentum <= 1.0)
+        ):
+            raise ValueError(
+                f"CoAtNetConfig '{self.name}': 'bn_momentum' must be a number in (0, 1] (PyTorch convention: "
+                f"1 - TensorFlow's decay), got {self.bn_momentum!r}"
+            )
         if not 0.0 <= self.drop_path_rate < 1.0:
             raise ValueError(f"CoAtNetConfig '{self.name}': 'drop_path_rate' must be in [0, 1)")
         if self.image_size % self.total_stride:

@@ -8,6 +8,9 @@ matters under ``deepspeed.zero.Init``: a module's parameters are partitioned as 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -51,6 +54,38 @@ class Conv2d(nn.Conv2d):
         trunc_normal_(self.weight)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
+
+
+# True while an eager torch.utils.checkpoint recomputes a block in backward (set by
+# ``coatnet.checkpoint_block`` through ``recomputing``).
+_RECOMPUTING = False
+
+
+@contextlib.contextmanager
+def recomputing() -> Iterator[None]:
+    """Mark the code inside as the recomputation of an already-run forward (activation checkpointing)."""
+    global _RECOMPUTING
+    before, _RECOMPUTING = _RECOMPUTING, True
+    try:
+        yield
+    finally:  # also when checkpoint stops the recomputation early by raising
+        _RECOMPUTING = before
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose running statistics are updated once per forward, even with checkpointing.
+
+    A checkpointed block runs its forward twice: once in the forward pass, once more in backward to
+    recompute activations. Inside ``recomputing()`` this layer normalises with the batch statistics as
+    before (bit-identical output, same kernel) but sends the running-statistics update to throw-away
+    copies (a few KB) and leaves ``num_batches_tracked`` alone.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and self.track_running_stats and _RECOMPUTING):
+            return super().forward(x)
+        mean, var = self.running_mean.clone(), self.running_var.clone()
+        return F.batch_norm(x, mean, var, self.weight, self.bias, True, 0.0, self.eps)
 
 
 class DropPath(nn.Module):
