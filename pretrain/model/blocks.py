@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Conv2d, DropPath, Linear, SqueezeExcite, max_pool_nhwc, trunc_normal_
+from .layers import BatchNorm2d, Conv2d, DropPath, Linear, SqueezeExcite, max_pool_nhwc, trunc_normal_
 from .relative_bias import (
     TABLE_SUFFIX,
     interpolate_table,
@@ -30,7 +30,7 @@ class Stem(nn.Module):
         layers: list[nn.Module] = [Conv2d(in_chans, dim, 3, stride=2, padding=1, bias=depth == 1)]
         for i in range(1, depth):
             layers += [
-                nn.BatchNorm2d(dim, eps=bn_eps),
+                BatchNorm2d(dim, eps=bn_eps),
                 nn.GELU(),
                 # Only the last conv has a bias: every earlier one is followed by BatchNorm.
                 Conv2d(dim, dim, 3, stride=1, padding=1, bias=i == depth - 1),
@@ -67,11 +67,11 @@ class MBConv(nn.Module):
         stride_dw = stride if downsample == "depthwise" else 1
         self.pool = nn.MaxPool2d(2, 2) if stride == 2 else nn.Identity()
         self.proj = Conv2d(dim_in, dim_out, 1) if dim_in != dim_out else nn.Identity()
-        self.norm = nn.BatchNorm2d(dim_in, eps=bn_eps)
+        self.norm = BatchNorm2d(dim_in, eps=bn_eps)
         self.conv_expand = Conv2d(dim_in, mid, 1, stride=stride_1x1, bias=False)
-        self.norm1 = nn.BatchNorm2d(mid, eps=bn_eps)
+        self.norm1 = BatchNorm2d(mid, eps=bn_eps)
         self.conv_dw = Conv2d(mid, mid, 3, stride=stride_dw, padding=1, groups=mid, bias=False)
-        self.norm2 = nn.BatchNorm2d(mid, eps=bn_eps)
+        self.norm2 = BatchNorm2d(mid, eps=bn_eps)
         self.se = SqueezeExcite(mid, int(se_ratio * dim_out))
         self.conv_project = Conv2d(mid, dim_out, 1)
         self.drop_path = DropPath(drop_path)

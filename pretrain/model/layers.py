@@ -53,6 +53,37 @@ class Conv2d(nn.Conv2d):
             nn.init.zeros_(self.bias)
 
 
+class BatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose running statistics stay fp32 when the rest of the model is bf16.
+
+    Building under ``deepspeed.zero.Init`` creates this module's buffers in bf16 (8 bits of mantissa:
+    a running variance then moves in steps of ~0.4%), so they are made fp32 again right here. The
+    forward normalises bf16 activations with the fp32 statistics and fp32 copies of the affine weights
+    (the mixed-dtype batch-norm kernel of the CPU and of cuDNN); the output keeps the input's dtype.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for name in ("running_mean", "running_var"):
+            buf = getattr(self, name)
+            if buf is not None and buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.running_mean is None or self.weight is None or self.weight.dtype == self.running_mean.dtype:
+            return super().forward(x)
+        self._check_input_dim(x)
+        momentum = self.momentum
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative average, as nn.BatchNorm2d (a host sync; unused here)
+                momentum = 1.0 / float(self.num_batches_tracked)
+        weight, bias = self.weight.float(), self.bias.float()
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, weight, bias, self.training, momentum or 0.0, self.eps
+        )
+
+
 class DropPath(nn.Module):
     """Stochastic depth: zero a residual branch per sample with probability ``rate``, rescale the rest."""
 
