@@ -137,6 +137,11 @@ class EngineConfig:
     peak_tflops: float = doc(
         "Device peak bf16 TFLOP/s for MFU (989 = H100 SXM dense; 0: no MFU).", 989.0, min=0.0
     )
+    deterministic: bool = doc(
+        "Deterministic GPU kernels (torch deterministic mode, fixed cuBLAS workspace, no cuDNN autotuning): "
+        "bitwise-repeatable GPU runs at some speed; see docs/determinism.md. CPU runs are bitwise either way.",
+        False,
+    )
 
 
 @dataclass
