@@ -369,11 +369,13 @@ class TrainLoader(_LabelSpace):
         epoch, origin, first = key
         order = live.order if epoch == live.order.epoch else EpochOrder(self.dataset.counts, self.seed, epoch)
         skipped = frozenset(self._skipped)
+        stream = self.place.consumer_stream()  # read here: torch's current stream is per thread
 
         def prepare() -> _LiveSegment:
             ahead = self._prepare(order, origin, first, skipped)
-            # Host-synchronous on purpose: this thread waits, and the batch is complete for any stream.
-            ahead.first_out = ahead.pipe.run()
+            # Bound to the consumer's stream like every other batch: DALI then frees its buffers in that
+            # stream's order, after the copy the main thread enqueues on it.
+            ahead.first_out = ahead.pipe.run(stream)
             return ahead
 
         self._ahead = _Ahead(key, skipped, prepare)
@@ -391,7 +393,7 @@ class TrainLoader(_LabelSpace):
         try:
             return ahead.take()
         except Exception as exc:  # e.g. a corrupt JPEG in its first batch: the synchronous path handles it
-            log.debug("rank %d: segment prepared ahead failed (%s); opening it in place", self.rank, exc)
+            log.info("rank %d: segment prepared ahead failed (%s); opening it in place", self.rank, exc)
             ahead.discard()
             return None
 

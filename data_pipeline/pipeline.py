@@ -73,8 +73,8 @@ def placement(decode: str, device: torch.device, gpu_decoder: Mapping[str, Any] 
 def to_torch(tensor_list: Any, device: torch.device, stream: torch.cuda.Stream | None = None) -> torch.Tensor:
     """Copy a uniform-shape DALI TensorList (CPU or GPU) into a new torch tensor on `device`, no host sync.
 
-    GPU outputs are copied on `stream` (default: torch's current stream, the one `pipe.run(stream)` bound
-    them to), asynchronously. CPU outputs bound for a CUDA device are copied into pinned host memory
+    GPU outputs are copied on `stream` (default: torch's current stream), asynchronously; `pipe.run(stream)`
+    must have bound them to that stream, so that DALI reuses their memory only after the copy. CPU outputs bound for a CUDA device are copied into pinned host memory
     (torch's caching host allocator: a block is reused only after its copy finished), then moved with
     one non_blocking copy; from pageable memory that copy would block the host until the GPU caught up.
     """
