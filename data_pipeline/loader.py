@@ -461,6 +461,14 @@ class TrainLoader(_LabelSpace):
             self._ahead.discard()
             self._ahead = None
 
+    def _settle(self) -> None:
+        """Wait for background releases: a segment reopened under the same name must not race its removal."""
+        self._close_segment()
+        self._drop_ahead()
+        for thread in self._releasing:
+            thread.join()
+        self._releasing = []
+
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """Small picklable state: epoch, origin, cursor, layout, skipped samples, DALI segment checkpoint."""
@@ -498,8 +506,7 @@ class TrainLoader(_LabelSpace):
         same_layout = state["world_size"] == self.world_size and state["batch_size"] == self.cfg.batch_size
         if same_layout and state["rank"] != self.rank:
             raise ValueError(f"data loader state of rank {state['rank']} loaded into rank {self.rank}")
-        self._close_segment()
-        self._drop_ahead()
+        self._settle()
         self._epoch, self._cursor = int(state["epoch"]), int(state["cursor"])
         self._skipped = {tuple(x) for x in state["skipped"]}
         if same_layout:
@@ -509,11 +516,7 @@ class TrainLoader(_LabelSpace):
 
     def close(self) -> None:
         """Release the pipelines (played and prepared ahead) and delete this loader's index files."""
-        self._close_segment()
-        self._drop_ahead()
-        for thread in self._releasing:
-            thread.join()
-        self._releasing = []
+        self._settle()
         shutil.rmtree(self._dir, ignore_errors=True)
 
 

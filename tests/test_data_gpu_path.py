@@ -91,3 +91,17 @@ def test_host_hand_over_and_the_one_cast():
     images = torch.randn(2, 3, 4, 4)
     assert model_input(images, "bf16").dtype == torch.bfloat16
     assert model_input(images, None) is images and model_input(images, "fp32") is images
+
+
+def test_a_loader_reloading_its_own_state_reopens_the_same_segment_cleanly(digit_wds):
+    """The played segment is released in the background; reopening it by the same name must not race."""
+    cfg = make_cfg(digit_wds["train"])
+    expected = stream(cfg, 6)
+    loader = build_train_loader(cfg, **KW)
+    try:
+        got = [(*(t.clone() for t in next(loader)), list(loader.last_ids)) for _ in range(3)]
+        loader.load_state_dict(loader.state_dict())
+        got += [(*(t.clone() for t in next(loader)), list(loader.last_ids)) for _ in range(3)]
+    finally:
+        loader.close()
+    assert same(expected, got)
