@@ -3,16 +3,20 @@
 Same work on both sides: 256x256 JPEG photographs -> random resized crop (scale 0.08-1, ratio 3/4-4/3)
 to 224 -> horizontal flip -> normalise -> float32 NCHW batches of 64. DALI with 1 and 2 threads, the
 DataLoader with 0 and 2 workers, in one run on the same shards. Also measures what a resume costs: a
-DALI checkpoint (size, time to take, time to rebuild + restore) against replaying the batches.
+DALI checkpoint (size, time to take, time to rebuild + restore) against replaying the batches, and
+what a segment switch costs: with one shard per segment (a switch every 4 batches here) the slowest
+batch at a switch over the median batch, with the next segment built ahead and without (goal <= 1.5).
 
-Usage: python benchmarks/data_speed.py [--images 2048] [--batches 24] [--keep DIR]
+Usage: python benchmarks/data_speed.py [--images 2048] [--batches 24] [--keep DIR] [--only segment]
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -169,15 +173,64 @@ def resume_costs(train: Path, k: int) -> dict[str, float]:
     }
 
 
+def segment_switch_cost(train: Path, ahead: bool, batches: int, threads: int = 2) -> dict[str, float]:
+    """Per-batch times with a pipeline segment per shard: the slowest batch at a switch / the median."""
+    cfg = DataConfig(
+        train=str(train),
+        batch_size=BATCH,
+        num_threads=threads,
+        output_dtype="fp32",
+        segment_shards=1,
+        segment_ahead=ahead,
+    )
+    loader = build_train_loader(
+        cfg, image_size=CROP, rank=0, world_size=1, seed=0, device=torch.device("cpu")
+    )
+    try:
+        times = []
+        for _ in range(batches):
+            start = time.perf_counter()
+            next(loader)
+            times.append(time.perf_counter() - start)
+        seg = loader.seg_steps
+    finally:
+        loader.close()
+    # Batch 0 builds the first pipeline in any case; every later multiple of `seg` opens a new segment.
+    at_switch = [times[i] for i in range(seg, batches, seg)]
+    median = statistics.median(times[1:])
+    return {
+        "segment_steps": seg,
+        "switches": len(at_switch),
+        "median_s": median,
+        "slowest_switch_s": max(at_switch),
+        "ratio": max(at_switch) / median,
+    }
+
+
+def print_segment_lines(train: Path, batches: int) -> None:
+    for ahead in (True, False):
+        cost = segment_switch_cost(train, ahead, batches)
+        print(
+            f"segment switch ({'built ahead' if ahead else 'in place'}, every {cost['segment_steps']} batches, "
+            f"{cost['switches']} switches): slowest batch at a switch / median batch = {cost['ratio']:.2f} "
+            f"({cost['slowest_switch_s'] * 1e3:.0f} ms / {cost['median_s'] * 1e3:.0f} ms)"
+        )
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--batches", type=int, default=24)
     parser.add_argument("--keep", default=None, help="build the shards here instead of a temporary directory")
+    parser.add_argument("--only", choices=["segment"], default=None, help="run only the segment-switch lines")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
         train = build(write_photos(root / "photos", args.images), root / "wds", shard_size=256)["train"]
+        if args.only == "segment":
+            print_segment_lines(train, max(args.batches, 40))
+            return
         results = {
             "dali_1_thread": dali_rate(train, 1, args.batches),
             "dali_2_threads": dali_rate(train, 2, args.batches),
@@ -199,6 +252,7 @@ def main() -> None:
             f"{cost['take_ms']:.1f} ms, rebuild+restore+1 batch {cost['restore_s']:.2f} s, "
             f"replay of {args.batches}+1 batches {cost['replay_s']:.2f} s"
         )
+        print_segment_lines(train, max(args.batches, 40))
 
 
 if __name__ == "__main__":

@@ -86,6 +86,42 @@ class DataConfig:
             "min": 1,
         },
     )
+    segment_ahead: bool = field(
+        default=True,
+        metadata={
+            "doc": "Build the next segment's pipeline (index files, DALI build, first batch) in a background "
+            "thread while the current one plays, so a segment switch does not stall the step; costs a second "
+            "pipeline's decoder buffers near each switch.",
+        },
+    )
+    # nvJPEG sizing, GPU ("mixed") decoding only. NVIDIA's ImageNet examples (DeepLearningExamples
+    # ConvNets, DALI's ResNet-50 example) preallocate these so that a large JPEG never makes nvJPEG
+    # reallocate in the middle of training.
+    device_memory_padding: int = field(
+        default=211_025_920,
+        metadata={
+            "doc": "GPU decoding: nvJPEG device buffer preallocated per decoder thread, bytes (sized for "
+            "full-size ImageNet; DALI's own default is 16 MiB).",
+            "min": 0,
+        },
+    )
+    host_memory_padding: int = field(
+        default=140_544_512,
+        metadata={
+            "doc": "GPU decoding: nvJPEG pinned host buffer preallocated per decoder thread, bytes (sized "
+            "for full-size ImageNet; DALI's own default is 8 MiB).",
+            "min": 0,
+        },
+    )
+    hw_decoder_load: float = field(
+        default=0.65,
+        metadata={
+            "doc": "GPU decoding: share of the JPEGs sent to the hardware JPEG decoder of A100/H100-class "
+            "GPUs (the rest go to the CUDA decoder); ignored where there is none.",
+            "min": 0.0,
+            "max": 1.0,
+        },
+    )
     index_cache: str | None = field(
         default=None,
         metadata={

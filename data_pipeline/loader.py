@@ -20,14 +20,26 @@ the same decoder to find the culprit. on_corrupt="error" raises ValueError namin
 on_corrupt="skip" replaces the sample by its predecessor in the segment (batches stay full, ranks stay in
 step), counts it in `skipped`, rebuilds the pipeline and restores it from the checkpoint of the last good
 batch. The skipped keys are part of the state, so a resumed run skips them too.
+
+Segment switches (decision): a rank's pipeline covers `segment_shards` shards, then the next part of the
+epoch needs a new one (index files, DALI build, a cold first batch): seconds on every rank at once. With
+`segment_ahead` the next segment is prepared on a background thread while the current one plays, up to
+its first batch (`_Ahead`); the switch then costs a hand-over. The prepared segment is exactly the one
+the synchronous path would open (same positions, seed and skipped set; used only if all three still
+match), so the stream and the state are the same with and without it, and a state taken at any point
+resumes as before: a prepared segment that was not handed over yet is not part of the state.
+
+No host-device sync on the way to the trainer: see pipeline.py (streams, pinned memory).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import shutil
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +66,7 @@ from data_pipeline.pipeline import (
     eval_pipeline,
     placement,
     sample_ids,
+    to_device,
     to_torch,
     train_pipeline,
 )
@@ -90,14 +103,85 @@ def _index_dir(cfg: DataConfig, tag: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f"coatnet-{tag}-", dir=parent))
 
 
-class _LiveSegment:
-    """A training segment being played: its sample list, pipeline, first step and progress."""
+def model_input(images: torch.Tensor, output_dtype: str | None) -> torch.Tensor:
+    """The one cast of the image batch to the model's dtype, on the training device (DALI has no bf16)."""
+    return images.to(OUTPUT_DTYPES[output_dtype or "fp32"])
 
-    def __init__(self, segment: Segment, first_step: int, num_steps: int, seed: int) -> None:
-        self.segment, self.first_step, self.num_steps, self.seed = segment, first_step, num_steps, seed
+
+def gpu_decoder_args(cfg: DataConfig) -> dict[str, Any]:
+    """nvJPEG sizing for the mixed decoder (pipeline.placement drops it on the CPU path)."""
+    return {
+        "device_memory_padding": cfg.device_memory_padding,
+        "host_memory_padding": cfg.host_memory_padding,
+        "hw_decoder_load": cfg.hw_decoder_load,
+    }
+
+
+class _LiveSegment:
+    """A training segment being played: its sample list, pipeline, place in the plan and progress."""
+
+    def __init__(
+        self,
+        segment: Segment,
+        order: EpochOrder,
+        origin: int,
+        first_step: int,
+        num_steps: int,
+        seed: int,
+        skipped: frozenset[tuple[str, str]],
+    ) -> None:
+        self.segment, self.order, self.origin = segment, order, origin
+        self.first_step, self.num_steps, self.seed, self.skipped = first_step, num_steps, seed, skipped
         self.done = 0
         self.pipe: Any = None
         self.last_checkpoint: bytes | None = None
+        self.first_out: tuple[Any, ...] | None = None  # its first batch, when run ahead
+
+    @property
+    def key(self) -> tuple[int, int, int]:
+        """(epoch, origin, first step): which part of which plan this segment plays."""
+        return self.order.epoch, self.origin, self.first_step
+
+    def release(self) -> None:
+        """Drop the pipeline (its destructor waits for DALI's threads) and delete the index files."""
+        self.pipe, self.first_out = None, None
+        self.segment.remove()
+
+
+class _Ahead:
+    """A segment prepared on a background thread; `take()` waits for it (re-raising its error)."""
+
+    def __init__(self, key: tuple[int, int, int], skipped: frozenset, prepare: Callable[[], _LiveSegment]):
+        self.key, self.skipped = key, skipped
+        self._live: _LiveSegment | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(prepare,), name="segment-ahead", daemon=True)
+        self._thread.start()
+
+    def _run(self, prepare: Callable[[], _LiveSegment]) -> None:
+        try:
+            self._live = prepare()
+        except BaseException as exc:  # handed to the main thread by take()
+            self._error = exc
+
+    def take(self) -> _LiveSegment:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._live is not None
+        return self._live
+
+    def discard(self) -> None:
+        self._thread.join()
+        if self._live is not None:
+            self._live.release()
+            self._live = None
+
+
+def _in_background(work: Callable[[], None]) -> threading.Thread:
+    thread = threading.Thread(target=work, name="segment-release", daemon=True)
+    thread.start()
+    return thread
 
 
 class _LabelSpace:
@@ -137,7 +221,7 @@ class TrainLoader(_LabelSpace):
             raise ValueError("data.scale and data.ratio must be [low, high] pairs")
         self.cfg, self.dataset, self.rank, self.world_size, self.seed = cfg, dataset, rank, world_size, seed
         self.device = device
-        self.place: Placement = placement(cfg.decode, device)
+        self.place: Placement = placement(cfg.decode, device, gpu_decoder_args(cfg))
         self.aug = TrainAugment(
             image_size,
             tuple(cfg.scale),
@@ -150,8 +234,9 @@ class TrainLoader(_LabelSpace):
         self.seg_steps = segment_steps(dataset.counts, cfg.segment_shards, self.micro_step_samples)
         self._dir = _index_dir(cfg, f"train-r{rank}")
         self._epoch, self._origin, self._cursor = 0, 0, 0
-        self._order: EpochOrder | None = None
         self._live: _LiveSegment | None = None
+        self._ahead: _Ahead | None = None
+        self._releasing: list[threading.Thread] = []
         self._pending_checkpoint: bytes | None = None
         self._skipped: set[tuple[str, str]] = set()
         self._probe: DecodeProbe | None = None
@@ -184,7 +269,8 @@ class TrainLoader(_LabelSpace):
 
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._live is None:
-            self._live = self._open_segment()
+            self._live = self._take_ahead() or self._open_segment()
+            self._start_ahead(self._live)
         live = self._live
         images_tl, labels_tl, info_tl = self._run(live)
         self.last_ids = sample_ids(info_tl)
@@ -196,22 +282,23 @@ class TrainLoader(_LabelSpace):
             where,
             self.dataset.manifest.label_encoding,
         )
-        images = to_torch(images_tl, self.device)  # [B, 3, S, S] float32
+        images = to_torch(images_tl, self.device, self.place.consumer_stream())  # [B, 3, S, S] float32
         batch_position = (
             self._origin
             + (live.first_step + live.done) * self.micro_step_samples
             + self.rank * self.cfg.batch_size
         )
         live.done += 1
-        images, targets = self._targets(images, labels.to(self.device), batch_position)
+        images, targets = self._targets(images, labels, batch_position)
         self._advance(live)
-        return images.to(OUTPUT_DTYPES[self.cfg.output_dtype or "fp32"]), targets
+        return model_input(images, self.cfg.output_dtype), targets
 
     def _targets(
         self, images: torch.Tensor, labels: torch.Tensor, position: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Targets on the device (labels are built on the host, moved without a sync); Mixup there."""
         if self.cfg.mixup_alpha <= 0:
-            return images, labels
+            return images, to_device(labels, self.device)
         if self.label_kind == "single":
             labels = torch.nn.functional.one_hot(labels, self.num_classes).float()
         lam = float(
@@ -219,7 +306,7 @@ class TrainLoader(_LabelSpace):
                 self.cfg.mixup_alpha, self.cfg.mixup_alpha
             )
         )
-        return mix_batch(images, labels, lam)
+        return mix_batch(images, to_device(labels, self.device), lam)
 
     def _advance(self, live: _LiveSegment) -> None:
         self._cursor += self.micro_step_samples
@@ -227,30 +314,88 @@ class TrainLoader(_LabelSpace):
             return
         self._close_segment()
         if self._cursor >= self.dataset.num_samples:
-            self._epoch, self._origin, self._cursor, self._order = self._epoch + 1, 0, 0, None
+            self._epoch, self._origin, self._cursor = self._epoch + 1, 0, 0
 
     def _open_segment(self) -> _LiveSegment:
-        if self._order is None or self._order.epoch != self._epoch:
-            self._order = EpochOrder(self.dataset.counts, self.seed, self._epoch)
+        """The segment holding the cursor, built here (start, resume, or no usable segment ahead)."""
         step = (self._cursor - self._origin) // self.micro_step_samples
-        total = steps_in_plan(self.dataset.num_samples, self._origin, self.micro_step_samples)
         first = (step // self.seg_steps) * self.seg_steps
-        count = min(self.seg_steps, total - first)
-        positions = rank_positions(
-            self._origin, first, count, self.cfg.batch_size, self.world_size, self.rank
-        )
-        shards, samples = self._order.locate(positions)
-        segment = make_segment(self.dataset, shards, samples, self._dir / "segment")
-        segment.substitute(self._skipped, self.dataset)
-        segment.write(self.dataset)
-        seed = derive_seed(self.seed, self._epoch, self._origin, first, self.rank)
-        live = _LiveSegment(segment, first, count, seed)
-        live.done = step - first
         checkpoint, self._pending_checkpoint = self._pending_checkpoint, None
-        if live.done and checkpoint is None:
+        if step > first and checkpoint is None:
             raise ValueError("internal: resuming inside a segment needs its DALI checkpoint")
+        order = EpochOrder(self.dataset.counts, self.seed, self._epoch)
+        live = self._prepare(order, self._origin, first, frozenset(self._skipped), checkpoint)
+        live.done = step - first
+        return live
+
+    def _prepare(
+        self,
+        order: EpochOrder,
+        origin: int,
+        first: int,
+        skipped: frozenset[tuple[str, str]],
+        checkpoint: bytes | None = None,
+    ) -> _LiveSegment:
+        """Index files and a built pipeline for the segment of plan (order.epoch, origin) at step `first`.
+
+        Reads only its arguments and immutable loader settings: it also runs on the background thread.
+        """
+        total = steps_in_plan(self.dataset.num_samples, origin, self.micro_step_samples)
+        count = min(self.seg_steps, total - first)
+        positions = rank_positions(origin, first, count, self.cfg.batch_size, self.world_size, self.rank)
+        shards, samples = order.locate(positions)
+        directory = self._dir / f"segment-e{order.epoch}-o{origin}-s{first}"
+        segment = make_segment(self.dataset, shards, samples, directory)
+        if segment.substitute(set(skipped), self.dataset):
+            segment.write(self.dataset)
+        seed = derive_seed(self.seed, order.epoch, origin, first, self.rank)
+        live = _LiveSegment(segment, order, origin, first, count, seed, skipped)
         self._build(live, checkpoint)
         return live
+
+    def _next_key(self, live: _LiveSegment) -> tuple[int, int, int]:
+        """(epoch, origin, first step) of the segment played after `live` (see `_advance`)."""
+        epoch, origin, first = live.key
+        following = first + live.num_steps
+        if following < steps_in_plan(self.dataset.num_samples, origin, self.micro_step_samples):
+            return epoch, origin, following
+        return epoch + 1, 0, 0
+
+    def _start_ahead(self, live: _LiveSegment) -> None:
+        """Prepare the segment after `live` on a background thread, up to its first batch."""
+        if not self.cfg.segment_ahead:
+            return
+        key = self._next_key(live)
+        epoch, origin, first = key
+        order = live.order if epoch == live.order.epoch else EpochOrder(self.dataset.counts, self.seed, epoch)
+        skipped = frozenset(self._skipped)
+        stream = self.place.consumer_stream()  # read here: torch's current stream is per thread
+
+        def prepare() -> _LiveSegment:
+            ahead = self._prepare(order, origin, first, skipped)
+            # Bound to the consumer's stream like every other batch: DALI then frees its buffers in that
+            # stream's order, after the copy the main thread enqueues on it.
+            ahead.first_out = ahead.pipe.run(stream)
+            return ahead
+
+        self._ahead = _Ahead(key, skipped, prepare)
+
+    def _take_ahead(self) -> _LiveSegment | None:
+        """The segment prepared ahead, if it is the one to open now; else None (and it is dropped)."""
+        ahead, self._ahead = self._ahead, None
+        if ahead is None:
+            return None
+        step = (self._cursor - self._origin) // self.micro_step_samples
+        wanted = (self._epoch, self._origin, step)
+        if ahead.key != wanted or ahead.skipped != frozenset(self._skipped) or self._pending_checkpoint:
+            ahead.discard()  # e.g. a sample was skipped meanwhile: the synchronous path substitutes it
+            return None
+        try:
+            return ahead.take()
+        except Exception as exc:  # e.g. a corrupt JPEG in its first batch: the synchronous path handles it
+            log.info("rank %d: segment prepared ahead failed (%s); opening it in place", self.rank, exc)
+            ahead.discard()
+            return None
 
     def _build(self, live: _LiveSegment, checkpoint: bytes | None) -> None:
         manifest = self.dataset.manifest
@@ -271,7 +416,7 @@ class TrainLoader(_LabelSpace):
     def _run(self, live: _LiveSegment) -> tuple[Any, Any]:
         while True:
             try:
-                out = live.pipe.run()
+                out, live.first_out = live.first_out or live.pipe.run(self.place.consumer_stream()), None
             except RuntimeError as exc:
                 self._recover(live, exc)
                 continue
@@ -305,10 +450,24 @@ class TrainLoader(_LabelSpace):
         self._build(live, live.last_checkpoint)
 
     def _close_segment(self) -> None:
-        if self._live is not None:
-            self._live.pipe = None
-            self._live.segment.remove()
-            self._live = None
+        """Release the played segment off the step's path: DALI's pipeline teardown joins its threads."""
+        live, self._live = self._live, None
+        if live is not None:
+            self._releasing = [t for t in self._releasing if t.is_alive()]
+            self._releasing.append(_in_background(live.release))
+
+    def _drop_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead.discard()
+            self._ahead = None
+
+    def _settle(self) -> None:
+        """Wait for background releases: a segment reopened under the same name must not race its removal."""
+        self._close_segment()
+        self._drop_ahead()
+        for thread in self._releasing:
+            thread.join()
+        self._releasing = []
 
     # -- state ------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -347,20 +506,17 @@ class TrainLoader(_LabelSpace):
         same_layout = state["world_size"] == self.world_size and state["batch_size"] == self.cfg.batch_size
         if same_layout and state["rank"] != self.rank:
             raise ValueError(f"data loader state of rank {state['rank']} loaded into rank {self.rank}")
-        self._close_segment()
+        self._settle()
         self._epoch, self._cursor = int(state["epoch"]), int(state["cursor"])
         self._skipped = {tuple(x) for x in state["skipped"]}
-        self._order = None
         if same_layout:
             self._origin, self._pending_checkpoint = int(state["origin"]), state["dali"]
         else:
             self._origin, self._pending_checkpoint = self._cursor, None
 
     def close(self) -> None:
-        """Release the pipeline and delete this loader's index files."""
-        self._close_segment()
-        import shutil
-
+        """Release the pipelines (played and prepared ahead) and delete this loader's index files."""
+        self._settle()
         shutil.rmtree(self._dir, ignore_errors=True)
 
 
@@ -379,7 +535,7 @@ class EvalLoader(_LabelSpace):
     ) -> None:
         assert 0 <= rank < world_size, (rank, world_size)  # from the launcher, never from a user
         self.cfg, self.dataset, self.image_size, self.device = cfg, dataset, image_size, device
-        self.place = placement(cfg.decode, device)
+        self.place = placement(cfg.decode, device, gpu_decoder_args(cfg))
         self.positions, self.valid, self.steps = eval_positions(
             dataset.num_samples, cfg.eval_batch_size, world_size, rank
         )
@@ -411,7 +567,7 @@ class EvalLoader(_LabelSpace):
         )
         try:
             for step in range(self.steps):
-                images_tl, labels_tl, info_tl = pipe.run()
+                images_tl, labels_tl, info_tl = pipe.run(self.place.consumer_stream())
                 self.last_ids = sample_ids(info_tl)
                 labels = parse_labels(
                     byte_samples(labels_tl),
@@ -421,16 +577,18 @@ class EvalLoader(_LabelSpace):
                     self.dataset.manifest.label_encoding,
                 )
                 valid = torch.from_numpy(self.valid[step * batch : (step + 1) * batch].copy())
-                images = to_torch(images_tl, self.device).to(OUTPUT_DTYPES[self.cfg.output_dtype or "fp32"])
-                yield images, labels.to(self.device), valid.to(self.device)
+                images = to_torch(images_tl, self.device, self.place.consumer_stream())
+                yield (
+                    model_input(images, self.cfg.output_dtype),
+                    to_device(labels, self.device),
+                    to_device(valid, self.device),
+                )
         finally:
             del pipe
             segment.remove()
 
     def close(self) -> None:
         """Delete this loader's index files."""
-        import shutil
-
         shutil.rmtree(self._dir, ignore_errors=True)
 
 

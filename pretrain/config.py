@@ -149,6 +149,11 @@ class EngineConfig:
         "Off until measured on GPU (CPU figures: benchmarks/model_speed.py --compile).",
         False,
     )
+    deterministic: bool = doc(
+        "Deterministic GPU kernels (torch deterministic mode, fixed cuBLAS workspace, no cuDNN autotuning): "
+        "bitwise-repeatable GPU runs at some speed; see docs/determinism.md. CPU runs are bitwise either way.",
+        False,
+    )
 
 
 @dataclass

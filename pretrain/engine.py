@@ -2,16 +2,52 @@
 
 Under ZeRO stage 3 every parameter is partitioned as soon as its module is constructed, so no rank
 ever holds the whole of CoAtNet-7 (2.44B parameters = 4.9 GB in bf16 before optimizer state).
+
+Precision: zero.Init creates every floating tensor of a module's `__init__` in bf16, buffers included,
+and DeepSpeed 0.19.8 keeps buffers in whatever dtype they have (`data_types.buffer_dtype` unset).
+CoAtNet's BatchNorm (`pretrain.model.layers.BatchNorm2d`) turns its running statistics back to fp32
+in its own `__init__` and normalises bf16 activations with fp32 statistics; `batchnorm_dtypes` checks it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
+from typing import TYPE_CHECKING
 
 import torch
 
-from pretrain.config import ModelConfig
 from pretrain.model import CoAtNet, create_model
+
+if TYPE_CHECKING:  # importable with torch alone (benchmarks/gpu_check.py): the config needs PyYAML
+    from pretrain.config import ModelConfig
+
+
+def set_determinism(deterministic: bool) -> None:
+    """`engine.deterministic`: bitwise-repeatable kernels on GPUs (docs/determinism.md), or the fast ones.
+
+    On: cuBLAS with a fixed workspace (`CUBLAS_WORKSPACE_CONFIG`, read when cuBLAS creates its handle,
+    so this runs before the model touches the device), cuDNN's deterministic algorithms without
+    autotuning, and torch's deterministic mode, which raises on an op that has no deterministic kernel
+    (naming it) rather than silently breaking the guarantee. Off: cuDNN autotunes its convolutions
+    (fixed input shapes: measured once per shape). CPU kernels are deterministic either way.
+    """
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = not deterministic
+
+
+def batchnorm_dtypes(model: torch.nn.Module) -> set[torch.dtype]:
+    """Dtypes of every BatchNorm running statistic (expected: {torch.float32} under bf16 too)."""
+    return {
+        buf.dtype
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        for buf in (m.running_mean, m.running_var)
+        if buf is not None
+    }
 
 
 def build_model(cfg: ModelConfig, *, num_classes: int, ds_config: dict) -> CoAtNet:

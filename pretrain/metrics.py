@@ -1,14 +1,24 @@
-"""Throughput, MFU, data-wait and memory bookkeeping for the metrics line and MLflow."""
+"""Throughput, MFU, data-wait and memory bookkeeping for the metrics line and MLflow.
+
+Data-wait is the host's time inside `next(batches)`. The loaders hand over batches without a
+host-device sync (pinned memory, non_blocking copies, DALI outputs on torch's stream), so that time is
+the input pipeline's own: the host no longer waits there for the GPU to finish the previous step. The
+host runs ahead of the GPU between log steps; the wall time of an interval is right because every log
+step ends in a sync (the loss `.item()` in the trainer), so the figures are interval averages.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+GIB = 2**30
 
 
 @dataclass
@@ -19,11 +29,13 @@ class StepMeter:
     world_size: int
     flops_per_image: float  # forward + backward, 3 x 2 x multiply-accumulates
     peak_tflops: float  # per device; 0 disables MFU
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     _t0: float = field(default_factory=time.perf_counter)
     _data_s: float = 0.0
     _steps: int = 0
 
     def data_wait(self, seconds: float) -> None:
+        """Host seconds spent waiting for a batch (measured around `next()` by the trainer)."""
         self._data_s += seconds
 
     def step_done(self) -> None:
@@ -41,7 +53,7 @@ class StepMeter:
             "images_per_s_per_device": images_s / self.world_size,
             "data_wait_fraction": min(1.0, self._data_s / elapsed),
             "tflops_per_device": tflops,
-            "memory_gb": peak_memory_gb(),
+            **memory_figures(self.device),
         }
         if self.peak_tflops > 0:
             out["mfu"] = tflops / self.peak_tflops
@@ -49,11 +61,42 @@ class StepMeter:
         return out
 
 
-def peak_memory_gb() -> float:
-    """Peak accelerator memory on GPUs; the process's peak resident set on CPUs."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+def memory_figures(device: torch.device, reset: bool = True) -> dict[str, float]:
+    """Memory of this rank since the last call, GiB.
+
+    CUDA: peak allocated (`memory_gb`, also `memory_allocated_peak_gb`) and peak reserved by torch's
+    caching allocator since the previous report (the peaks are reset here, so each log interval shows
+    its own), and the device's used memory (`cudaMemGetInfo`: every process and every allocation outside
+    torch's allocator: CUDA context, NCCL buffers, DALI's nvJPEG buffers). CPU: the process's peak
+    resident set (`memory_gb`; the kernel keeps one lifetime peak, it cannot be reset) and the current
+    resident set.
+    """
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.max_memory_allocated(device) / GIB
+        out = {
+            "memory_gb": allocated,
+            "memory_allocated_peak_gb": allocated,
+            "memory_reserved_peak_gb": torch.cuda.max_memory_reserved(device) / GIB,
+            "memory_device_used_gb": (total - free) / GIB,
+        }
+        if reset:
+            torch.cuda.reset_peak_memory_stats(device)
+        return out
+    out = {"memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # ru_maxrss: KiB
+    rss = resident_bytes()
+    if rss is not None:
+        out["memory_rss_gb"] = rss / GIB
+    return out
+
+
+def resident_bytes() -> int | None:
+    """The current resident set of this process (Linux /proc), None where it cannot be read."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def format_eta(seconds: float) -> str:

@@ -32,7 +32,7 @@ from pretrain.config import TrainConfig, resume_invariants
 from pretrain.configlib import ConfigError, dump_yaml, flatten, to_tree
 from pretrain.ds_config import deepspeed_config, grad_accum_steps
 from pretrain.ema import NoEma, ShardedEma
-from pretrain.engine import build_engine, build_model, full_parameter_count
+from pretrain.engine import build_engine, build_model, full_parameter_count, set_determinism
 from pretrain.evaluate import evaluate
 from pretrain.logs import setup_logging
 from pretrain.losses import build_loss
@@ -91,7 +91,9 @@ class Trainer:
         self.checkpoints, self.resume = checkpoints, resume
         self.total_steps, self.accum, self.ema, self.init_report = total_steps, accum, ema, init_report
         self.global_batch = cfg.data.batch_size * accum * info.world_size
-        self.meter = StepMeter(self.global_batch, info.world_size, flops_per_image, cfg.engine.peak_tflops)
+        self.meter = StepMeter(
+            self.global_batch, info.world_size, flops_per_image, cfg.engine.peak_tflops, device
+        )
         self.state = TrainState()
         self.canary = Canary(train_loader.label_kind, device, cfg.checkpoint.canary_tolerance)
         self.client = ClientState(
@@ -137,6 +139,7 @@ class Trainer:
         checkpoints = CheckpointManager(cfg.checkpoint, _checkpoint_root(cfg, run_dir.path), info)
         resume = checkpoints.select(resume_invariants(cfg))  # verified, converted; before anything is written
         run_dir.write_config(dump_yaml(cfg))
+        set_determinism(cfg.engine.deterministic)  # before the first kernel: cuBLAS reads its workspace then
         seed_everything(cfg.run.seed)  # the same on every rank: the model starts identical everywhere
 
         train_loader = build_train_loader(
@@ -260,7 +263,10 @@ class Trainer:
         return EXIT_OK
 
     def _train_step(self, batches) -> None:
-        """One optimizer step: `accum` micro-batches through forward and backward, then the update."""
+        """One optimizer step: `accum` micro-batches through forward and backward, then the update.
+
+        No host-device sync of ours here (loaders copy non_blocking): the time around `next()` is the
+        host's wait for input, never for the GPU. Sync points: log steps, evaluations, saves."""
         for _ in range(self.accum):
             t0 = time.perf_counter()
             images, targets = next(batches)
@@ -270,7 +276,7 @@ class Trainer:
             self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
             self._loss_sum += loss.detach().to(torch.float64)
             self._loss_count += 1
-            self.canary.observe(images, targets)  # the first batch: checked after every resume
+            self.canary.observe(images, targets)  # first batch kept for resumes: one sync (.cpu()) per job
         self.state.step += 1
         self.state.samples_seen += self.global_batch
         self.ema.update(self.state.step)
@@ -338,6 +344,7 @@ class Trainer:
         return results
 
     def _evaluate_weights(self) -> dict[str, float]:
+        # Host-device sync point: evaluate() reads its counts once, at the end of the pass.
         self.engine.eval()
         try:
             return evaluate(
@@ -378,7 +385,7 @@ class Trainer:
             return  # e.g. a stop request or the end right after a periodic save
         self.state.mlflow_run_id = self.tracker.run_id or self.state.mlflow_run_id
         self.state.elapsed_s = self._elapsed()
-        t0 = time.perf_counter()
+        t0 = time.perf_counter()  # host-device sync point: the canary's loss and the state copies to the host
         meta = {"resume_invariants": resume_invariants(self.cfg), "card": self._card()}
         path = self.checkpoints.save(
             self.engine, step, {"trainer": self.client.state_dict(self.engine)}, meta

@@ -6,12 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from pretrain.model import count_macs, create_model
 from tests.helpers.launch import REPO
-
 
 TINY = json.dumps({"depths": [1, 1, 1, 1, 1], "dims": [16, 16, 32, 64, 128], "head_dim": 16})
 

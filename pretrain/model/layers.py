@@ -73,19 +73,49 @@ def recomputing() -> Iterator[None]:
 
 
 class BatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` whose running statistics are updated once per forward, even with checkpointing.
+    """``nn.BatchNorm2d`` with two guarantees the trainer relies on.
 
-    A checkpointed block runs its forward twice: once in the forward pass, once more in backward to
-    recompute activations. Inside ``recomputing()`` this layer normalises with the batch statistics as
-    before (bit-identical output, same kernel) but sends the running-statistics update to throw-away
-    copies (a few KB) and leaves ``num_batches_tracked`` alone.
+    - Running statistics stay fp32 when the rest of the model is bf16. Building under
+      ``deepspeed.zero.Init`` creates the buffers in bf16 (8 bits of mantissa: a running variance then
+      moves in steps of ~0.4%), so they are made fp32 again right here. The forward normalises bf16
+      activations with the fp32 statistics and fp32 copies of the affine weights (the mixed-dtype
+      batch-norm kernel of the CPU and of cuDNN); the output keeps the input's dtype.
+    - They are updated once per forward, even with checkpointing. A checkpointed block runs its forward
+      twice: once in the forward pass, once more in backward to recompute activations. Inside
+      ``recomputing()`` this layer normalises with the batch statistics as before (bit-identical output,
+      same kernel) but sends the running-statistics update to throw-away copies (a few KB) and leaves
+      ``num_batches_tracked`` alone. Both are plain tensor code that dynamo traces.
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for name in ("running_mean", "running_var"):
+            buf = getattr(self, name)
+            if buf is not None and buf.dtype != torch.float32:
+                setattr(self, name, buf.float())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and self.track_running_stats and _RECOMPUTING):
+        recompute = self.training and self.track_running_stats and _RECOMPUTING
+        mixed = (
+            self.running_mean is not None
+            and self.weight is not None
+            and self.weight.dtype != self.running_mean.dtype
+        )
+        if not (recompute or mixed):
             return super().forward(x)
-        mean, var = self.running_mean.clone(), self.running_var.clone()
-        return F.batch_norm(x, mean, var, self.weight, self.bias, True, 0.0, self.eps)
+        self._check_input_dim(x)
+        weight, bias = (self.weight.float(), self.bias.float()) if mixed else (self.weight, self.bias)
+        if recompute:
+            mean, var = self.running_mean.clone(), self.running_var.clone()
+            return F.batch_norm(x, mean, var, weight, bias, True, 0.0, self.eps)
+        momentum = self.momentum
+        if self.training:
+            self.num_batches_tracked.add_(1)
+            if momentum is None:  # cumulative average, as nn.BatchNorm2d (a host sync; unused here)
+                momentum = 1.0 / float(self.num_batches_tracked)
+        return F.batch_norm(
+            x, self.running_mean, self.running_var, weight, bias, self.training, momentum or 0.0, self.eps
+        )
 
 
 class DropPath(nn.Module):
