@@ -177,7 +177,6 @@ class Sender:
                 self._wake.wait(self.retry_max_s)
                 continue
             backoff = 1.0
-            self._came_back()
 
     def _deliver(self, batch: list[tuple[Position, dict]]) -> None:
         i = 0
@@ -195,6 +194,7 @@ class Sender:
             self.spool.ack(group[-1][0])
             self.delivered += len(group)
             i += len(group)
+            self._came_back()
 
     def _send_one_by_one(self, records: list[dict]) -> None:
         """A batch MLflow refused: send its records one at a time and skip (with a warning) only those

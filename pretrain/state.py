@@ -42,6 +42,8 @@ class TrainState:
     samples_seen: int = 0
     mlflow_run_id: str | None = None
     preemptions: int = 0
+    productive_s: float = 0.0  # time in training steps that this checkpoint keeps (goodput)
+    started_at: float | None = None  # wall-clock time the run's first job started
 
     def state_dict(self) -> dict:
         return asdict(self)
