@@ -10,18 +10,25 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
+from mlflow.tracking import MlflowClient
 
-from data_pipeline.manifest import Manifest, ShardInfo, save_manifest
+from cluster.local_slurm import free_port
+from data_pipeline.manifest import Manifest, ShardInfo, load_manifest, save_manifest
+from data_pipeline.tarindex import read_index
 from pretrain.config import ConfigError, TrackingConfig, load_config, redact_userinfo
 from pretrain.metrics import StepMeter
-from pretrain.preemption import EXIT_REQUEUE
+from pretrain.preemption import EXIT_REQUEUE, STOP_FILE_ENV
 from pretrain.sender import RUN_KEY_TAG
 from pretrain.spool import Spool
 from pretrain.tracking import (
@@ -33,7 +40,21 @@ from pretrain.tracking import (
     mlflow_metric_name,
     run_status,
 )
-from tests.helpers.launch import SMOKE
+from tests.fixtures.mlflow_server import MlflowServer
+from tests.helpers.launch import (
+    BIN,
+    CONFIGS,
+    REPO,
+    SMOKE,
+    data_overrides,
+    launcher_prefix,
+    rank0_log,
+    read_metrics,
+    run_training,
+    tail,
+)
+
+FINETUNE = CONFIGS / "smoke_finetune.yaml"
 
 # ================================================================================================ a fake MLflow
 
@@ -125,7 +146,9 @@ def tracking_cfg(**kw) -> TrackingConfig:
 
 
 def tracker(tmp_path: Path, fake: FakeMlflow, **kw) -> MlflowTracker:
-    return MlflowTracker("http://127.0.0.1:1", tracking_cfg(**kw), tmp_path / "spool", client_factory=lambda: fake)
+    return MlflowTracker(
+        "http://127.0.0.1:1", tracking_cfg(**kw), tmp_path / "spool", client_factory=lambda: fake
+    )
 
 
 def start(t: MlflowTracker, run_id: str | None = None) -> None:
@@ -272,7 +295,16 @@ def test_run_status_says_how_the_job_ended() -> None:
 
 def test_every_metric_the_trainer_logs_has_a_namespace_in_mlflow() -> None:
     figures = StepMeter(64, 2, 1e9, 989.0).report()  # mfu included
-    trainer_keys = {"loss", "lr", "grad_norm", "epoch", "samples_seen", "goodput", "checkpoint_s", "preemptions"}
+    trainer_keys = {
+        "loss",
+        "lr",
+        "grad_norm",
+        "epoch",
+        "samples_seen",
+        "goodput",
+        "checkpoint_s",
+        "preemptions",
+    }
     for key in {*figures, *trainer_keys, "eval/top1", "preemption/lost_s"}:
         assert "/" in mlflow_metric_name(key), key
     assert set(figures) <= set(MLFLOW_METRIC_NAMES)
@@ -332,3 +364,203 @@ def test_init_lineage_tags_name_the_pretraining_run(tmp_path: Path) -> None:
     assert tags["init_source_run_id"] == "abc123" and tags["init_source_step"] == "200"
     assert tags["init_source_checkpoint"] == sidecar["source"]
     assert "#/experiments/1/runs/abc123" in tags["mlflow.note.content"]
+
+
+# ================================================================================================ real runs
+# configs/smoke.yaml on the digits shards, one plain process (the tracker is rank 0's either way).
+
+FEW = ("run.log_every=5", "checkpoint.every_steps=10", "tracking.system_metrics_every_s=1")
+
+
+def train_in_background(
+    run_dir: Path, shards: Path, *overrides: str, env: dict[str, str]
+) -> subprocess.Popen:
+    """pretrain.train as run_training starts it, without waiting; output in <run_dir>.out."""
+    cmd = [
+        *launcher_prefix("single", 1, free_port()),
+        "pretrain.train",
+        "--config",
+        str(SMOKE),
+        f"run.output_dir={run_dir.parent}",
+        f"run.name={run_dir.name}",
+        *data_overrides(shards),
+        *overrides,
+    ]
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    full_env.pop("MLFLOW_TRACKING_URI", None)
+    out = open(run_dir.with_suffix(".out"), "w")  # noqa: SIM115 - closed by the process's end
+    return subprocess.Popen(cmd, cwd=REPO, env=full_env, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def logged_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    return sorted(losses_of(run_dir)) if path.exists() else []
+
+
+def losses_of(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(run_dir)[0]}
+
+
+def only_run(uri: str, experiment: str = "coatnet"):
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return client, runs[0]
+
+
+def loss_history(client: MlflowClient, run_id: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
+
+
+@pytest.mark.slow
+@pytest.mark.mlflow_server
+@pytest.mark.multiprocess
+def test_server_sigkilled_mid_run_and_restarted_gets_every_loss_point_and_the_run_finishes(
+    tmp_path: Path, digits_shards: Path, restartable_mlflow_server: MlflowServer
+) -> None:
+    server = restartable_mlflow_server
+    run_dir = tmp_path / "outage"
+    secret = "pw-" + uuid.uuid4().hex  # credentials the MLflow way; this server ignores them
+    env = {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": secret}
+    proc = train_in_background(
+        run_dir,
+        digits_shards,
+        *FEW,
+        "schedule.steps=300",
+        f"tracking.uri={server.uri}",
+        "tracking.experiment=outage",
+        "tracking.retry_max_s=2",
+        "tracking.flush_timeout_s=180",
+        env=env,
+    )
+    try:
+        wait_until(lambda: len(logged_steps(run_dir)) >= 2 or proc.poll() is not None, timeout_s=300)
+        server.kill()  # SIGKILL, mid-run
+        killed_at = max(logged_steps(run_dir))
+        wait_until(lambda: max(logged_steps(run_dir)) >= killed_at + 5 or proc.poll() is not None, 300)
+        server.start()  # same port, same store; 10-60 s to answer on 2 loaded cores
+        restarted_at = max(logged_steps(run_dir))
+        assert proc.wait(timeout=600) == 0, run_dir.with_suffix(".out").read_text()[-4000:]
+    finally:
+        proc.kill()
+    assert killed_at < restarted_at < 300, (killed_at, restarted_at)  # the outage was inside the run
+    log = rank0_log(run_dir)
+    assert log.index("is unreachable") < log.index("answers again") < log.index("done: 300 steps")
+
+    client, run = only_run(server.uri, "outage")
+    assert loss_history(client, run.info.run_id) == losses_of(run_dir)  # every point, steps 5..150
+    assert sorted(losses_of(run_dir)) == list(range(5, 301, 5))
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["mlflow.source.name"].endswith("train.py")
+    assert any(k.startswith("system/") for k in run.data.metrics)
+
+    # The password reaches nothing: no file of the run folder, no param, tag or artifact, no output.
+    files = [p for p in run_dir.rglob("*") if p.is_file()] + [run_dir.with_suffix(".out")]
+    assert len(files) > 10
+    assert [p for p in files if secret.encode() in p.read_bytes()] == []
+    assert secret not in json.dumps([run.data.params, run.data.tags])
+    artifacts = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
+    assert sorted(p.name for p in artifacts.iterdir()) == ["config.yaml", "ds_config.json"]
+    assert all(secret.encode() not in p.read_bytes() for p in artifacts.rglob("*") if p.is_file())
+
+
+def test_a_password_in_the_tracking_uri_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    run_dir = tmp_path / "refused"
+    proc = run_training(SMOKE, run_dir, "tracking.uri=http://alice:s3cret-pw@127.0.0.1:5000", timeout=120)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert "MLFLOW_TRACKING_PASSWORD" in line and "s3cret-pw" not in proc.stdout + proc.stderr
+    assert not run_dir.exists()
+
+
+def corrupt_first_jpeg(dataset: Path) -> None:
+    """Overwrite most of the first sample's JPEG data in shard 0 with zeros (the index stays valid)."""
+    manifest = load_manifest(dataset)[0]
+    _, offset, size, _ = read_index(dataset / manifest.shards[0].index)[0].component("jpg")
+    with open(dataset / manifest.shards[0].name, "r+b") as fh:
+        fh.seek(offset + size // 3)
+        fh.write(bytes(size - size // 3))
+
+
+@pytest.mark.multiprocess
+def test_a_run_that_meets_a_corrupt_image_mid_run_is_failed(tmp_path: Path, digits_shards: Path) -> None:
+    shards = tmp_path / "shards"
+    shutil.copytree(digits_shards, shards)
+    corrupt_first_jpeg(shards / "train")  # met within the first epoch (44 steps), in the loader's order
+    run_dir = tmp_path / "runs" / "corrupt"
+    proc = run_training(SMOKE, run_dir, *data_overrides(shards), *FEW, "schedule.steps=60")
+    assert proc.returncode == 1 and "undecodable image" in proc.stderr, tail(proc)
+    client, run = only_run(default_store_uri(run_dir.parent))
+    assert run.info.status == "FAILED"
+    assert loss_history(client, run.info.run_id) == losses_of(run_dir)  # what it did before, delivered
+    assert max(losses_of(run_dir), default=0) < 45
+
+
+@pytest.fixture(scope="module")
+def requeued_run(tmp_path_factory: pytest.TempPathFactory, digits_shards: Path) -> tuple[Path, str, str]:
+    """A run stopped for requeue at step 10 (the stop file), then resumed to step 20. Returns the run
+    folder and the MLflow run's status after each job."""
+    root = tmp_path_factory.mktemp("requeue")
+    run_dir, stop = root / "runs" / "pre", root / "STOP"
+    stop.touch()
+    overrides = (*data_overrides(digits_shards), *FEW, "schedule.steps=20")
+    proc = run_training(SMOKE, run_dir, *overrides, env={STOP_FILE_ENV: str(stop)})
+    assert proc.returncode == EXIT_REQUEUE, tail(proc)
+    first = only_run(default_store_uri(run_dir.parent))[1].info.status
+    stop.unlink()
+    proc = run_training(SMOKE, run_dir, *overrides, env={STOP_FILE_ENV: str(stop)})
+    assert proc.returncode == 0, tail(proc)
+    return run_dir, first, only_run(default_store_uri(run_dir.parent))[1].info.status
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_run_stopped_for_requeue_is_killed_then_resumed_in_the_same_run_and_finished(
+    requeued_run: tuple[Path, str, str],
+) -> None:
+    run_dir, after_stop, after_resume = requeued_run
+    assert (after_stop, after_resume) == ("KILLED", "FINISHED")
+    client, run = only_run(default_store_uri(run_dir.parent))  # one store in the output folder
+    assert loss_history(client, run.info.run_id) == losses_of(run_dir)
+    assert sorted(losses_of(run_dir)) == [5, 10, 15, 20]
+    assert run.data.tags["resumed_from_step"] == "10" and run.data.metrics["preemption/count"] == 1
+    assert 0 < run.data.metrics["perf/goodput"] < 1
+    assert run.data.metrics["train/samples_seen"] == 20 * 32
+    assert (
+        client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"]
+        == "custom_model_development"
+    )
+    (train, val) = sorted(run.inputs.dataset_inputs, key=lambda d: d.tags[0].value)
+    assert [train.tags[0].value, val.tags[0].value] == ["training", "validation"]
+    assert json.loads(train.dataset.profile)["num_samples"] == 1426
+    ds_config = json.loads((run_dir / "ds_config.json").read_text())
+    assert ds_config["zero_optimization"]["stage"] == 3
+    assert {"config.yaml", "ds_config.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_a_finetune_names_the_pretraining_run_it_starts_from(
+    requeued_run: tuple[Path, str, str], parity_shards: Path
+) -> None:
+    pre_dir = requeued_run[0]
+    export = pre_dir / "export.safetensors"
+    subprocess.run(
+        [str(BIN / "coatnet-export"), str(pre_dir / "checkpoints"), str(export)], check=True, timeout=300
+    )
+    client, pre = only_run(default_store_uri(pre_dir.parent))
+    assert (
+        json.loads(export.with_suffix(".json").read_text())["training_run"]["mlflow_run_id"]
+        == pre.info.run_id
+    )
+
+    ft_dir = pre_dir.parent / "ft"  # the same output folder: both runs in one store, one UI
+    overrides = (f"data.train={parity_shards / 'train'}", f"data.val={parity_shards / 'val'}")
+    proc = run_training(FINETUNE, ft_dir, *overrides, f"init.path={export}", "schedule.steps=5", *FEW)
+    assert proc.returncode == 0, tail(proc)
+    experiment = client.get_experiment_by_name("coatnet").experiment_id
+    runs = {r.info.run_name: r for r in client.search_runs([experiment])}
+    assert set(runs) == {"pre", "ft"}
+    tags = runs["ft"].data.tags
+    assert tags["init_source_run_id"] == pre.info.run_id and tags["init_source_step"] == "20"
+    assert pre.info.run_id in tags["mlflow.note.content"]
