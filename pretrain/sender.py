@@ -208,7 +208,13 @@ class Sender:
                 if not _is_permanent(exc):
                     raise _Transient() from exc
                 self.rejected += 1
-                log.warning("MLflow refused a %s record, skipped: %s", rec.get("kind"), first_line(exc))
+                if self.rejected <= 5 or self.rejected % 1000 == 0:  # a deleted run refuses everything
+                    log.warning(
+                        "MLflow refused a %s record, skipped (%d so far): %s",
+                        rec.get("kind"),
+                        self.rejected,
+                        first_line(exc),
+                    )
 
     @staticmethod
     def _group(batch: list[tuple[Position, dict]], i: int) -> list[tuple[Position, dict]]:

@@ -184,13 +184,9 @@ def git_commit() -> str:
 
 
 def run_tags(info: RankInfo, *, model: str, run_dir: Path, resumed_step: int | None) -> dict[str, str]:
-    """The tags of a job: where and how it runs, plus MLflow's own context tags (mlflow.user,
-    mlflow.source.name/type, mlflow.source.git.*), which the MLflow UI and Lightning/composer users expect."""
-    from mlflow.tracking.context.registry import resolve_tags
-
+    """The tags of a job: where and how it runs (MlflowTracker.start adds MLflow's context tags)."""
     commit = git_commit()
     tags = {
-        **resolve_tags({}),
         "world_size": str(info.world_size),
         "nodes": str(info.num_nodes),
         "launcher": info.launcher,
@@ -374,6 +370,11 @@ class MlflowTracker:
         datasets: Mapping[str, str | None] | None = None,
     ) -> None:
         """Create the run, or continue `run_id` (a resumed job), in the background."""
+        # MLflow's own context tags (mlflow.user, mlflow.source.name/type, mlflow.source.git.*), which the
+        # MLflow UI and users of Lightning's or composer's MLflow loggers expect; ours win on a clash.
+        from mlflow.tracking.context.registry import resolve_tags
+
+        tags = {**resolve_tags({}), **tags}
         if self.state.open:
             log.warning(
                 "MLflow: the last job of this run ended without ending its MLflow run (killed outright?); "
@@ -500,15 +501,22 @@ def build_tracker(cfg: TrackingConfig, info: RankInfo, run_dir: Path) -> MlflowT
 
 
 def deliver(
-    run_dir: Path, *, spool: str = SPOOL_DIR, status: str | None = None, timeout_s: float = 300
+    run_dir: Path,
+    *,
+    spool: str = SPOOL_DIR,
+    status: str | None = None,
+    timeout_s: float = 300,
+    client_factory: Callable[[], Any] | None = None,
 ) -> bool:
     """Deliver a run folder's spool to the store it was written for; optionally end the run with `status`."""
     root = run_dir / spool
     uri = RunState.saved_uri(root)
     if uri is None:
         raise FileNotFoundError(f"{root}: no MLflow spool ({RUN_STATE} missing)")
-    from mlflow.tracking import MlflowClient
+    if client_factory is None:
+        from mlflow.tracking import MlflowClient
 
+        client_factory = lambda: MlflowClient(tracking_uri=uri)  # noqa: E731
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     queue = Spool(root, 2**62)
@@ -517,7 +525,7 @@ def deliver(
         queue.append({"kind": "status", "t": now_ms(), "status": status})
         state.open = False
         state.save()
-    sender = Sender(queue, state, lambda: MlflowClient(tracking_uri=uri), retry_max_s=5.0)
+    sender = Sender(queue, state, client_factory, retry_max_s=5.0)
     sender.start()
     done = sender.drain(timeout_s)
     queue.close()

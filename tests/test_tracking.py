@@ -36,6 +36,7 @@ from pretrain.tracking import (
     MlflowTracker,
     dataset_record,
     default_store_uri,
+    deliver,
     init_lineage_tags,
     mlflow_metric_name,
     run_status,
@@ -284,6 +285,19 @@ def test_a_job_killed_outright_is_noticed_and_its_run_continued(
     assert list(fake.runs) == [run_id] and fake.runs[run_id]["status"][-1] == "FINISHED"
 
 
+def test_deliver_sends_what_a_finished_job_left_and_ends_a_run_never_resumed(tmp_path: Path) -> None:
+    fake = FakeMlflow()
+    t = tracker(tmp_path, fake, flush_timeout_s=0.5)
+    start(t)
+    t.wait_started(10)
+    fake.down = True
+    t.log_metrics({"loss": 0.5}, 7)
+    t.close(None)  # the job never said how it ended
+    fake.down = False
+    assert deliver(tmp_path, spool="spool", status="KILLED", timeout_s=10, client_factory=lambda: fake)
+    assert losses(fake, t.run_id) == [(7, 0.5)] and fake.runs[t.run_id]["status"][-1] == "KILLED"
+
+
 def test_run_status_says_how_the_job_ended() -> None:
     assert run_status(0) == "FINISHED"
     assert run_status(EXIT_REQUEUE) == "KILLED"
@@ -448,7 +462,7 @@ def test_server_sigkilled_mid_run_and_restarted_gets_every_loss_point_and_the_ru
     assert log.index("is unreachable") < log.index("answers again") < log.index("done: 300 steps")
 
     client, run = only_run(server.uri, "outage")
-    assert loss_history(client, run.info.run_id) == losses_of(run_dir)  # every point, steps 5..150
+    assert loss_history(client, run.info.run_id) == losses_of(run_dir)  # every point, steps 5..300
     assert sorted(losses_of(run_dir)) == list(range(5, 301, 5))
     assert run.info.status == "FINISHED"
     assert run.data.tags["mlflow.source.name"].endswith("train.py")
