@@ -235,6 +235,8 @@ class TrackingConfig:
 
     def credentials_problem(self, env: Mapping[str, str]) -> str | None:
         """Why the tracking URI (this section's, else $MLFLOW_TRACKING_URI) may not be used, or None."""
+        if not self.enabled:
+            return None
         uri = self.uri if self.uri is not None else env.get("MLFLOW_TRACKING_URI")
         where = "" if self.uri is not None else "$MLFLOW_TRACKING_URI="
         if uri is None or not _USERINFO.search(uri):

@@ -340,6 +340,7 @@ def test_a_tracking_uri_with_a_password_is_refused_at_load_without_echoing_it(
     with pytest.raises(ConfigError, match=r"\$MLFLOW_TRACKING_URI=https://\*\*\*@mlflow\.example") as err:
         load_config(SMOKE)
     assert "hunter2" not in str(err.value)
+    assert load_config(SMOKE, ["tracking.enabled=false"]).tracking.uri is None  # not used: not refused
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
     assert load_config(SMOKE).tracking.uri is None
 
