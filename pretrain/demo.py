@@ -162,8 +162,9 @@ def _metrics(run_dir: Path) -> tuple[list[dict], dict]:
     return [m for m in lines if "loss" in m], [m for m in lines if "eval/top1" in m][-1]
 
 
-def mlflow_runs(store: Path) -> list[str]:
-    """One line per MLflow run of the demo's store: name, id, status, and where a fine-tune started."""
+def mlflow_runs(store: Path) -> tuple[str, list[str]]:
+    """The experiment id and one line per MLflow run of the demo's store: name, id, status, and the run a
+    fine-tune started from."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{store}")
@@ -175,7 +176,7 @@ def mlflow_runs(store: Path) -> list[str]:
             f"{run.info.run_name:<10} {run.info.run_id} {run.info.status}"
             + (f", fine-tuned from {source}" if source else "")
         )
-    return lines
+    return experiment.experiment_id, lines
 
 
 def report(run_dir: Path, ft_dir: Path, store: Path, seconds: float) -> None:
@@ -207,10 +208,13 @@ def report(run_dir: Path, ft_dir: Path, store: Path, seconds: float) -> None:
     print(
         f"exported       {run_dir / 'export.safetensors'} (+ .json); EMA weights {ft_dir / 'ema.safetensors'}"
     )
-    for i, line in enumerate(mlflow_runs(store)):
+    experiment, lines = mlflow_runs(store)
+    for i, line in enumerate(lines):
         print(f"{'MLflow runs' if i == 0 else '':<15}{line}")
+    # MLflow 3.17's UI opens in its GenAI view whatever the experiment's kind; the query selects training.
+    print(f"MLflow UI      {BIN / 'mlflow'} ui --backend-store-uri sqlite:///{store}")
     print(
-        f"MLflow UI      {BIN / 'mlflow'} ui --backend-store-uri sqlite:///{store}  (then open http://127.0.0.1:5000)"
+        f"               then open http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning"
     )
     print(f"total          {seconds / 60:.1f} min")
 

@@ -125,10 +125,6 @@ class Spool:
         with self._lock:
             return self._undelivered_bytes()
 
-    def empty(self) -> bool:
-        """True when every complete record is delivered."""
-        return not self.read(1)
-
     # ------------------------------------------------------------------------------- internals
 
     def _segments(self) -> list[int]:

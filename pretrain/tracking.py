@@ -291,15 +291,16 @@ class SystemSampler:
         self.monitors = [CPUMonitor(), DiskMonitor(), NetworkMonitor()]
         with contextlib.suppress(Exception):  # no nvidia-ml-py or no GPU: CPU, memory, disk, network
             self.monitors.append(GPUMonitor())
-        for monitor in self.monitors:  # the first CPU percentage covers no interval: discard it
-            monitor.collect_metrics()
-            monitor.clear_metrics()
         self.every_s, self._emit = every_s, emit
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="mlflow-system-metrics", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
+        # psutil keeps CPU times per thread and the first percentage covers no interval: discard it here.
+        for monitor in self.monitors:
+            monitor.collect_metrics()
+            monitor.clear_metrics()
         while not self._stop.wait(self.every_s):
             metrics: dict[str, float] = {}
             try:
