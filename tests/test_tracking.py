@@ -8,6 +8,7 @@ MLflow's own client.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -408,8 +409,14 @@ def train_in_background(
 
 
 def logged_steps(run_dir: Path) -> list[int]:
+    """Steps with a loss in metrics.jsonl so far (read while the trainer appends: a torn line is skipped)."""
     path = run_dir / "metrics.jsonl"
-    return sorted(losses_of(run_dir)) if path.exists() else []
+    steps = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            steps += [entry["step"]] if "loss" in entry else []
+    return sorted(steps)
 
 
 def losses_of(run_dir: Path) -> dict[int, float]:
