@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -193,19 +196,73 @@ class EmaConfig:
     every: int = doc("Update the EMA every N optimizer steps (decay is adjusted to match).", 1, min=1)
 
 
+# A URI's user-info part (`scheme://user:password@host`): never written to a config, log, param or tag.
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+def redact_userinfo(text: str) -> str:
+    """`text` with the user-info part of every URI in it replaced by `***`."""
+    return _USERINFO.sub(r"\g<scheme>***@", text)
+
+
 @dataclass
 class TrackingConfig:
     enabled: bool = doc("Log to MLflow (rank 0 only).", True)
     uri: str | None = doc(
-        "Tracking URI; null: $MLFLOW_TRACKING_URI, else a local store inside the run folder.", None
+        "Tracking URI; null: $MLFLOW_TRACKING_URI, else sqlite:///<run.output_dir>/mlflow.db (one store "
+        "for every run of the folder, artifacts in <run.output_dir>/mlartifacts). Credentials never go "
+        "here: set MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.",
+        None,
     )
     experiment: str = doc("MLflow experiment name.", "coatnet")
     timeout_s: float = doc(
-        "Per-request timeout talking to the server; logging is in the background.", 5.0, min=0.1
+        "Per-request timeout talking to the server (MLflow's own retries are off; the background "
+        "sender retries with backoff).",
+        5.0,
+        min=0.1,
     )
-    queue_size: int = doc(
-        "Metric batches buffered while the server is slow; the oldest are dropped beyond.", 1000, min=1
+    spool_mb: float = doc(
+        "Records not yet delivered are kept on disk in <run folder>/mlflow-spool; beyond this size the "
+        "oldest metric records are dropped (counted in tracking/dropped_records), never params, tags "
+        "or the run status.",
+        64.0,
+        min=0.01,
     )
+    retry_max_s: float = doc(
+        "Longest pause between two delivery attempts while the server is down.", 30.0, min=0.1
+    )
+    start_wait_s: float = doc(
+        "Longest wait at start for the run to exist (a new sqlite store first creates its tables: tens "
+        "of seconds on a loaded machine); training then goes on and a later checkpoint gets the run id.",
+        120.0,
+        min=0.0,
+    )
+    flush_timeout_s: float = doc(
+        "Longest wait at the end for undelivered records; what is left is delivered by the next job of "
+        "the run or by `python -m pretrain.tracking deliver <run folder>`.",
+        60.0,
+        min=0.0,
+    )
+    system_metrics_every_s: float = doc(
+        "Seconds between samples of rank 0's CPU, memory, disk, network and GPU (MLflow's system/ "
+        "metrics; 0: none).",
+        10.0,
+        min=0.0,
+    )
+
+    def credentials_problem(self, env: Mapping[str, str]) -> str | None:
+        """Why the tracking URI (this section's, else $MLFLOW_TRACKING_URI) may not be used, or None."""
+        if not self.enabled:
+            return None
+        uri = self.uri if self.uri is not None else env.get("MLFLOW_TRACKING_URI")
+        where = "" if self.uri is not None else "$MLFLOW_TRACKING_URI="
+        if uri is None or not _USERINFO.search(uri):
+            return None
+        return (
+            f"{where}{redact_userinfo(uri)} holds a user name or password; remove it from the URI and set "
+            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead (MLflow reads them), so that "
+            "the password reaches no config, log or MLflow run"
+        )
 
 
 @dataclass
@@ -287,6 +344,8 @@ def _check_consistency(cfg: TrainConfig, origin: dict[str, str], path: str) -> N
         )
     if cfg.ema.decay > 0 and cfg.engine.zero_stage != 3:
         fail("ema.decay", f"{cfg.ema.decay} needs engine.zero_stage=3 (the EMA is kept on ZeRO-3 partitions)")
+    if problem := cfg.tracking.credentials_problem(os.environ):
+        fail("tracking.uri", problem)
     gb = cfg.engine.global_batch_size
     if gb is not None and gb % cfg.data.batch_size:
         fail("engine.global_batch_size", f"{gb} is not a multiple of data.batch_size={cfg.data.batch_size}")

@@ -9,7 +9,9 @@
 5. `coatnet-export`: consolidated fp32 weights (safetensors + JSON sidecar)
 6. fine-tuning at 64x64 (twice the resolution) on another label set (digit parity), the classifier
    re-initialised and every relative-bias table resized, with an EMA of the weights
-7. a report: accuracy, throughput, where the runs, checkpoints and MLflow stores are
+7. a report: accuracy, throughput, where the runs and checkpoints are, the two MLflow runs (one store for
+   the output folder, the fine-tune naming the pre-training run it starts from) and the `mlflow ui`
+   command that shows both
 """
 
 from __future__ import annotations
@@ -84,9 +86,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.out).resolve()
     run_dir, ft_dir = out / "runs" / "pretrain", out / "runs" / "finetune"
-    for old in (run_dir, ft_dir):
+    store = out / "runs" / "mlflow.db"  # the default store of the output folder: both runs in one UI
+    for old in (run_dir, ft_dir, out / "runs" / "mlartifacts"):
         if old.exists():
             shutil.rmtree(old)  # the demo's own previous runs; nothing else lives there
+    store.unlink(missing_ok=True)
     t0 = time.time()
 
     say("1/6 building webdataset shards from scikit-learn's digits (10 classes at 32x32, parity at 64x64)")
@@ -154,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"demo: fine-tuning failed with status {status}", file=sys.stderr)
         return 1
 
-    report(run_dir, ft_dir, time.time() - t0)
+    report(run_dir, ft_dir, store, time.time() - t0)
     return 0
 
 
@@ -163,7 +167,24 @@ def _metrics(run_dir: Path) -> tuple[list[dict], dict]:
     return [m for m in lines if "loss" in m], [m for m in lines if "eval/top1" in m][-1]
 
 
-def report(run_dir: Path, ft_dir: Path, seconds: float) -> None:
+def mlflow_runs(store: Path) -> tuple[str, list[str]]:
+    """The experiment id and one line per MLflow run of the demo's store: name, id, status, and the run a
+    fine-tune started from."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{store}")
+    experiment = client.get_experiment_by_name("coatnet")
+    lines = []
+    for run in reversed(client.search_runs([experiment.experiment_id])):  # oldest first
+        source = run.data.tags.get("init_source_run_id")
+        lines.append(
+            f"{run.info.run_name:<10} {run.info.run_id} {run.info.status}"
+            + (f", fine-tuned from {source}" if source else "")
+        )
+    return experiment.experiment_id, lines
+
+
+def report(run_dir: Path, ft_dir: Path, store: Path, seconds: float) -> None:
     train, final = _metrics(run_dir)
     ft_train, ft_final = _metrics(ft_dir)
     speed = sorted(m["images_per_s"] for m in train)[len(train) // 2]
@@ -192,8 +213,14 @@ def report(run_dir: Path, ft_dir: Path, seconds: float) -> None:
     print(
         f"exported       {run_dir / 'export.safetensors'} (+ .json); EMA weights {ft_dir / 'ema.safetensors'}"
     )
-    for d in (run_dir, ft_dir):
-        print(f"MLflow UI      {BIN / 'mlflow'} ui --backend-store-uri sqlite:///{d / 'mlflow.db'}")
+    experiment, lines = mlflow_runs(store)
+    for i, line in enumerate(lines):
+        print(f"{'MLflow runs' if i == 0 else '':<15}{line}")
+    # MLflow 3.17's UI opens in its GenAI view whatever the experiment's kind; the query selects training.
+    print(f"MLflow UI      {BIN / 'mlflow'} ui --backend-store-uri sqlite:///{store}")
+    print(
+        f"               then open http://127.0.0.1:5000/#/experiments/{experiment}/runs?workflowType=machine_learning"
+    )
     print(f"total          {seconds / 60:.1f} min")
 
 

@@ -43,6 +43,8 @@ class TrainState:
     mlflow_run_id: str | None = None
     preemptions: int = 0
     elapsed_s: float = 0.0  # wall-clock seconds of every job of this run up to the last save
+    productive_s: float = 0.0  # time in training steps that this checkpoint keeps (goodput)
+    started_at: float | None = None  # wall-clock time the run's first job started
 
     def state_dict(self) -> dict:
         return asdict(self)

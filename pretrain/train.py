@@ -77,10 +77,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, RunRefused, ResumeRefused, Untrusted) as exc:
         print(f"coatnet-train: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    outcome: int | BaseException | None = None  # tells the MLflow run how the job ended
     try:
-        return trainer.fit()
+        outcome = trainer.fit()
+        return outcome
+    except BaseException as exc:
+        outcome = exc
+        raise
     finally:
-        trainer.close()
+        trainer.close(outcome)
 
 
 if __name__ == "__main__":

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
-import socket
 import time
 from pathlib import Path
 from typing import Protocol
@@ -42,7 +40,7 @@ from pretrain.optim import build_optimizer, build_scheduler, total_and_warmup_st
 from pretrain.preemption import EXIT_REQUEUE, JobContext, PreemptionHandler, downtimes
 from pretrain.run_dir import RunDir
 from pretrain.state import BatchNormStats, Canary, ClientState, TrainState, derived_seed, seed_everything
-from pretrain.tracking import Tracker, build_tracker, git_commit
+from pretrain.tracking import Tracker, build_tracker, init_lineage_tags, run_status, run_tags
 from pretrain.transfer import LoadReport, load_initial_weights
 
 log = logging.getLogger(__name__)
@@ -169,6 +167,7 @@ class Trainer:
             world_size=info.world_size,
             load_universal=resume is not None and resume.universal,
         )
+        run_dir.write_json("ds_config.json", ds_config)  # what DeepSpeed got, for the run's MLflow artifacts
         model = build_model(cfg.model, num_classes=num_classes, ds_config=ds_config)
         # Fine-tuning: before the engine exists, so that the fp32 master weights start from these values.
         # A resumed fine-tune takes its weights from the checkpoint instead.
@@ -225,6 +224,7 @@ class Trainer:
         if resumed is not None and self.state.step >= self.total_steps:
             log.info("%s already finished at step %d: nothing to do", self.run_dir.path, self.state.step)
             return EXIT_OK
+        self.state.started_at = self.state.started_at or self._started  # goodput counts from here
         self._start_tracking(resumed)
         batches = iter(self.train_loader)
         self.meter.report()  # start the clock after resume and set-up
@@ -267,6 +267,7 @@ class Trainer:
 
         No host-device sync of ours here (loaders copy non_blocking): the time around `next()` is the
         host's wait for input, never for the GPU. Sync points: log steps, evaluations, saves."""
+        started = time.perf_counter()
         for _ in range(self.accum):
             t0 = time.perf_counter()
             images, targets = next(batches)
@@ -281,6 +282,7 @@ class Trainer:
         self.state.samples_seen += self.global_batch
         self.ema.update(self.state.step)
         self.meter.step_done()
+        self.state.productive_s += time.perf_counter() - started  # saved: redone steps count once
 
     def _log_metrics(self, step: int) -> None:
         # Collective (every rank reaches the same log steps): the mean loss over ranks and steps.
@@ -293,6 +295,9 @@ class Trainer:
         figures = self.meter.report()
         grad_norm = self.engine.get_global_grad_norm()
         metrics = {"loss": loss, "lr": self.engine.get_lr()[0], **figures, "epoch": self._epoch()}
+        metrics["samples_seen"] = self.state.samples_seen
+        # Goodput: productive step time over wall time since the run began, across requeues.
+        metrics["goodput"] = self.state.productive_s / max(1e-9, time.time() - self.state.started_at)
         if grad_norm is not None:
             metrics["grad_norm"] = float(grad_norm)
         self.tracker.log_metrics(metrics, step)
@@ -355,7 +360,7 @@ class Trainer:
 
     def _card(self) -> dict:
         module = self.engine.module
-        return model_card(
+        card = model_card(
             model_name=self.cfg.model.name,
             model_config=module.config,
             image_size=self.cfg.model.image_size,
@@ -366,6 +371,7 @@ class Trainer:
             samples_seen=self.state.samples_seen,
             eval_crop_ratio=self.cfg.data.eval_crop_ratio,
         )
+        return {**card, "training_run": {**self.tracker.lineage(), "run_dir": str(self.run_dir.path)}}
 
     def _export_ema(self) -> None:
         """The final EMA weights as ema.safetensors + ema.json in the run folder, for `init.path` (collective)."""
@@ -410,30 +416,19 @@ class Trainer:
     # ================================================================================================ tracking
 
     def _start_tracking(self, resumed: Committed | None) -> None:
-        tags = {
-            "world_size": str(self.info.world_size),
-            "nodes": str(self.info.num_nodes),
-            "launcher": self.info.launcher,
-            "host": socket.gethostname(),
-            "git_commit": git_commit(),
-            "model": self.cfg.model.name,
-            "run_dir": str(self.run_dir.path),
-        }
-        if "SLURM_JOB_ID" in os.environ:
-            tags["slurm_job_id"] = os.environ["SLURM_JOB_ID"]
-        if resumed is not None:
-            tags["resumed_from_step"] = str(self.state.step)
+        step = self.state.step if resumed else None
         self.tracker.start(
             run_id=self.state.mlflow_run_id if resumed else None,
             run_name=self.cfg.run.name,
             params=flatten(to_tree(self.cfg)),
-            tags=tags,
+            tags=run_tags(self.info, model=self.cfg.model.name, run_dir=self.run_dir.path, resumed_step=step),
+            datasets={"training": self.cfg.data.train, "validation": self.cfg.data.val},
         )
-        self.tracker.wait_started(self.cfg.tracking.timeout_s)
-        if resumed is None:
-            self.tracker.log_artifact(self.run_dir.path / "config.yaml")
-            if self.init_report is not None:
-                self._record_init_report()
+        self.tracker.wait_started(self.cfg.tracking.start_wait_s)
+        for name in ("config.yaml", "ds_config.json"):  # the resolved config and what DeepSpeed got
+            self.tracker.log_artifact(self.run_dir.path / name)
+        if resumed is None and self.init_report is not None:
+            self._record_init_report()
 
     def _record_init_report(self) -> None:
         """Which keys of the initial weights were loaded, resized, re-initialised, missing or unexpected."""
@@ -443,6 +438,7 @@ class Trainer:
         self.tracker.set_tags(
             {
                 "init_path": report.source,
+                **init_lineage_tags(report.source),  # the pre-training run and checkpoint it starts from
                 **{
                     f"init_{k}": str(len(getattr(report, k)))
                     for k in ("loaded", "resized", "reinitialised", "missing", "unexpected")
@@ -450,9 +446,10 @@ class Trainer:
             }
         )
 
-    def close(self) -> None:
+    def close(self, outcome: int | BaseException | None = None) -> None:
+        """Release everything; `outcome` (fit's exit status, or what it raised) sets the MLflow run status."""
         self.preemption.close()
-        self.tracker.close()
+        self.tracker.close(run_status(outcome))
         self.train_loader.close()
         if self.eval_loader is not None:
             self.eval_loader.close()

@@ -75,8 +75,10 @@ def test_finetune_at_higher_resolution_on_another_label_set(
     assert ema["stages.3.blocks.0.attn.relative_position_bias_table"].shape == (4, 7, 7)
     assert ema["head.fc.weight"].shape == (2, 128)
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tuned / 'mlflow.db'}")
-    (mlrun,) = client.search_runs([client.get_experiment_by_name("coatnet").experiment_id])
+    # One store per output folder: the tuned and the scratch run share it.
+    client = MlflowClient(tracking_uri=f"sqlite:///{tuned.parent / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("coatnet").experiment_id
+    (mlrun,) = client.search_runs([experiment], filter_string="attributes.run_name = 'tuned'")
     assert mlrun.data.tags["init_resized"] == "2" and mlrun.data.tags["init_reinitialised"] == "2"
     assert "init_report.json" in [a.path for a in client.list_artifacts(mlrun.info.run_id)]
 

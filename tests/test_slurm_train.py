@@ -100,7 +100,7 @@ class TrainingJob:
 
     def loss_history(self, run_id: str) -> list[tuple[int, float]]:
         client = MlflowClient(tracking_uri=tracking_uri(self.train_dir))
-        history = client.get_metric_history(run_id, "loss")
+        history = client.get_metric_history(run_id, "train/loss")
         return [(m.step, m.value) for m in sorted(history, key=lambda m: (m.step, m.timestamp))]
 
     def wait_for(self, condition: Callable[[], bool], timeout_s: float, what: str) -> None:
@@ -259,7 +259,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes_the_same_run(
     (lost,) = downtimes(events)
     assert lost.cause == "signal" and lost.seconds >= 5  # at least cred_expire before the restart
     assert run.data.metrics["preemption/lost_s"] == pytest.approx(lost.seconds, abs=0.5)
-    assert run.data.metrics["preemptions"] == 1
+    assert run.data.metrics["preemption/count"] == 1
     print(f"warning signal at step {stop}: {lost.seconds:.1f} s lost to the requeue")
 
 
