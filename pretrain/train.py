@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(dump_yaml(cfg))
         return 0
 
-    from pretrain.checkpoint import ResumeRefused
+    from pretrain.checkpoint import ResumeRefused, SaveFailed
     from pretrain.run_dir import RunRefused
     from pretrain.signing import Untrusted
     from pretrain.trainer import Trainer  # heavy imports (deepspeed, DALI) only for a real run
@@ -75,6 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG_ERROR
     try:
         return trainer.fit()
+    except SaveFailed as exc:  # disk full: one line naming the folder and the bytes needed
+        print(f"coatnet-train: error: {exc}", file=sys.stderr)
+        return 1
     finally:
         trainer.close()
 
