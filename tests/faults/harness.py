@@ -13,6 +13,7 @@ short set inside `make test`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -62,13 +63,20 @@ class Result:
 class Launch:
     """One `deepspeed --num_gpus 2 --module pretrain.train ...` in its own process group, output to a file."""
 
-    def __init__(self, run_dir: Path, shards: Path, *overrides: str, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        shards: Path,
+        *overrides: str,
+        env: dict[str, str] | None = None,
+        nproc: int = 2,
+    ):
         port = free_port()
         self.log_path = run_dir.parent / f"{run_dir.name}.launch{_next_launch(run_dir)}.out"
         cmd = [
             str(BIN / "deepspeed"),
             "--num_gpus",
-            "2",
+            str(nproc),
             "--master_port",
             str(port),
             "--module",
@@ -127,10 +135,12 @@ class Launch:
 
     def kill(self) -> None:
         """SIGKILL the whole process group this launch created (the launcher and its ranks)."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        self.signal_group(signal.SIGKILL)
+
+    def signal_group(self, sig: signal.Signals) -> None:
+        """`sig` to every process of this launch at once (what Slurm does to a job step)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, sig)
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -231,11 +241,16 @@ def make_reference(root: Path, shards: Path) -> dict[int, float]:
 
 
 def finish(
-    ctx: Context, result: Result, run_dir: Path, *overrides: str, env: dict[str, str] | None = None
+    ctx: Context,
+    result: Result,
+    run_dir: Path,
+    *overrides: str,
+    env: dict[str, str] | None = None,
+    nproc: int = 2,
 ) -> None:
     """Run the same command again until it exits 0 (at most MAX_LAUNCHES in all); judge the losses."""
     while result.launches < MAX_LAUNCHES and (not result.statuses or result.statuses[-1] != 0):
-        launch = Launch(run_dir, ctx.shards, *overrides, env=env)
+        launch = Launch(run_dir, ctx.shards, *overrides, env=env, nproc=nproc)
         result.statuses.append(launch.wait())
         result.launches += 1
         if result.statuses[-1] != 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", default="", help=f"comma-separated subset of: kill,{','.join(trials.OTHER)}"
     )
+    parser.add_argument(
+        "--reference", type=Path, help="reuse this finished reference run folder (same code, same command)"
+    )
     args = parser.parse_args(argv)
     root = args.root.resolve() / time.strftime("%Y%m%d-%H%M%S")
     root.mkdir(parents=True)
@@ -57,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ctx = harness.Context(root=root, shards=shards, reference={})
     print(f"fault trials under {root}; reference run first", flush=True)
+    if args.reference:
+        shutil.copytree(args.reference, root / "reference", ignore=shutil.ignore_patterns("LOCK"))
     ctx.reference = harness.make_reference(root, shards)
     only = set(filter(None, args.only.split(",")))
     rng = random.Random(args.seed)
