@@ -313,8 +313,87 @@ def bad_input_one_rank(ctx: Context) -> Result:
     return result
 
 
+def slurm_sigterm(ctx: Context) -> Result:
+    """Under cluster/pretrain.sbatch on a local Slurm cluster: SIGTERM to the whole job (batch shell, srun,
+    launchers, ranks: `scancel --signal=TERM --full`, as Slurm signals a job it preempts or times out).
+    The job must save, requeue itself and finish with the reference's losses."""
+    import os
+    import sys
+    import tempfile
+
+    from cluster.local_slurm import ClusterSpec, LocalSlurm, SlurmUnavailable, check_prerequisites, free_port
+    from tests.faults.harness import FAULTS, REPO
+    from tests.helpers.launch import SMOKE, data_overrides
+
+    result = Result(trial="slurm-sigterm-requeue")
+    t0 = time.monotonic()
+    try:
+        check_prerequisites(0)
+    except SlurmUnavailable as exc:
+        result.note = f"no local Slurm: {exc}"
+        return result
+    base = Path(tempfile.mkdtemp(prefix="coatnet-faults-slurm-"))
+    spec = ClusterSpec(
+        base=base, nodes=0, tag=f"f{os.getpid() % 1000000}", ctld_port=free_port(), slurmd_port=free_port(),
+        cred_expire_s=5,
+    )  # fmt: skip
+    cluster = LocalSlurm(spec)
+    root = ctx.run_dir("slurm-sigterm")
+    run_dir = root / "train"
+    try:
+        cluster.start()
+        env = {
+            "PATH": f"{os.environ.get('PATH', '/usr/bin:/bin')}:{Path(sys.executable).parent}",
+            "DS_ACCELERATOR": "cpu",
+            "NPROC_PER_NODE": "2",
+            "RUN_DIR": str(root / "slurm"),
+            "PYTHONPATH": str(REPO),
+        }
+        overrides = [f"run.output_dir={root}", "run.name=train", *data_overrides(ctx.shards), *FAULTS]
+        args = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--time=30", f"--output={root}/job.out",
+                f"--chdir={REPO}", str(REPO / "cluster" / "pretrain.sbatch"), str(SMOKE), *overrides]  # fmt: skip
+        root.mkdir(parents=True, exist_ok=True)
+        job = cluster.sbatch(*args, env=env)
+        deadline = time.monotonic() + 600
+        target = random.Random(3).randint(K + 2, STEPS - 5)
+        while logged_step(run_dir) < target and time.monotonic() < deadline:
+            time.sleep(0.05)
+        at = logged_step(run_dir)
+        cluster.run("scancel", "--signal=TERM", "--full", str(job))
+        cluster.wait_job(job, lambda f: f.get("Restarts") == "1", 300, "a requeue")
+        fields = cluster.wait_finished(job, timeout_s=900)
+        events = [line.split()[1] for line in (root / "slurm" / "events.log").read_text().splitlines()]
+        ends = [
+            line.split()[2]
+            for line in (root / "slurm" / "events.log").read_text().splitlines()
+            if " end " in line
+        ]
+        result.statuses = [0 if fields["JobState"] == "COMPLETED" else 1]
+        result.launches = events.count("start")
+        result.losses_equal, why = compare_losses(run_dir, ctx.reference)
+        resumed = resumed_steps(run_dir)
+        stop_steps = [
+            int(line.split("step=")[1].split()[0])
+            for line in (root / "slurm" / "events.log").read_text().splitlines()
+            if " stop " in line
+        ]
+        result.lost = (stop_steps[0] - resumed[0]) if stop_steps and resumed else -1
+        result.redone = max(0, at - resumed[0]) if resumed else 0
+        shown = [e for e in events if e != "checkpoint"]
+        result.note = f"TERM after step {at}; {fields['JobState']}, restarts {fields['Restarts']}; events {' '.join(shown)}; ends {' '.join(ends)}; {why}"
+        result.losses_equal = result.losses_equal and "requeue" in events and bool(stop_steps)
+    except Exception as exc:  # a trial's failure is a row of the table, not the end of the driver
+        result.note += f" {type(exc).__name__}: {str(exc)[:300]}"
+    finally:
+        cluster.stop()
+        shutil.rmtree(base, ignore_errors=True)
+    result.seconds = time.monotonic() - t0
+    return result
+
+
 OTHER: dict[str, Callable[[Context], Result]] = {
     "sigterm": sigterm_job,
+    "slurm-sigterm": slurm_sigterm,
     "hung": hung_rank,
     "corrupt": corrupt_newest,
     "second": second_job,
