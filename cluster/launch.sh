@@ -84,9 +84,13 @@ trap 'on_warning TERM' TERM
 # --no_local_rank: ranks read LOCAL_RANK from the environment, the trainer's CLI stays --config + overrides.
 # --kill-on-bad-exit=1: a node whose launcher fails (a rank died) ends the other nodes' tasks at once,
 # instead of leaving them in a collective until the timeout.
+# `trap "" TERM`: the deepspeed runner (the task itself) would die of SIGTERM at once, and the end of the
+# task makes Slurm kill what is left of the step: the ranks in the middle of their stop checkpoint. Ignoring
+# TERM in the runner keeps the task alive until its per-node launcher (which handles TERM itself) and the
+# ranks (PreemptionHandler) have saved and exited.
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
   ${SLURM_GPUS_ON_NODE:+--gpus-per-node=$SLURM_GPUS_ON_NODE} \
-  bash -c 'exec deepspeed --node_rank "$SLURM_NODEID" "$@"' deepspeed \
+  bash -c 'trap "" TERM; exec deepspeed --node_rank "$SLURM_NODEID" "$@"' deepspeed \
   --hostfile "$HOSTFILE" --no_ssh --master_addr "$HEAD" --master_port "$MASTER_PORT" --no_local_rank \
   --module "$MODULE" --config "$CONFIG" "$@" &
 SRUN=$!

@@ -124,11 +124,29 @@ class Launch:
         return True
 
     def wait(self, timeout: float = LAUNCH_TIMEOUT_S) -> int:
+        """The launcher's exit status, once every process of the launch is gone.
+
+        The deepspeed runner dies of SIGTERM at once while its per-node launcher and the ranks go on
+        saving: the next launch must not start before they are done (a scheduler waits for them too).
+        """
+        deadline = time.monotonic() + timeout
         try:
-            return self.proc.wait(timeout=timeout)
+            rc = self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            return self.proc.wait()
+            rc = self.proc.wait()
+        while self._group_alive():
+            if time.monotonic() > deadline:
+                self.kill()
+            time.sleep(0.1)
+        return rc
+
+    def _group_alive(self) -> bool:
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
     def running(self) -> bool:
         return self.proc.poll() is None

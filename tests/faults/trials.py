@@ -158,8 +158,12 @@ def second_job(ctx: Context) -> Result:
     t0 = time.monotonic()
     first = Launch(run_dir, ctx.shards)
     wait_until(lambda: logged_step(run_dir) >= 3, first)
+    # Hold the first job mid-run, however slowly the second starts on loaded cores: rank 1 paused, rank 0
+    # waits for it in a collective while its lock heartbeat (a thread) goes on, as in a live job.
+    first.signal_rank(1, signal.SIGSTOP)
     second = Launch(run_dir, ctx.shards)
     rc2 = second.wait(timeout=300)
+    first.signal_rank(1, signal.SIGCONT)
     refusal = _first_line(second.output(), "is in use by a live job")
     result.statuses.append(first.wait())
     result.launches = 1
