@@ -348,6 +348,11 @@ def slurm_sigterm(ctx: Context) -> Result:
     run_dir = root / "train"
     try:
         cluster.start()
+        # A real cluster's KillWait (Slurm's default, 30 s) between SIGTERM and SIGKILL; the local cluster's
+        # 5 s is too short for a stop checkpoint on loaded cores. srun answers SIGTERM by ending the step
+        # after KillWait, so this is the time the ranks have to reach a step, save and exit.
+        cluster.conf.write_text(cluster.conf.read_text().replace("KillWait=5", "KillWait=30"))
+        cluster.run("scontrol", "reconfigure")
         env = {
             "PATH": f"{os.environ.get('PATH', '/usr/bin:/bin')}:{Path(sys.executable).parent}",
             "DS_ACCELERATOR": "cpu",
@@ -398,14 +403,14 @@ def slurm_sigterm(ctx: Context) -> Result:
 
 
 OTHER: dict[str, Callable[[Context], Result]] = {
-    "sigterm": sigterm_job,
-    "slurm-sigterm": slurm_sigterm,
     "hung": hung_rank,
-    "corrupt": corrupt_newest,
-    "second": second_job,
-    "never": resume_never,
     "disk-precheck": lambda ctx: full_disk(ctx, "precheck"),
     "disk-write": lambda ctx: full_disk(ctx, "write"),
-    "universal": universal_interrupted,
+    "sigterm": sigterm_job,
+    "second": second_job,
+    "slurm-sigterm": slurm_sigterm,
+    "corrupt": corrupt_newest,
+    "never": resume_never,
     "badinput": bad_input_one_rank,
+    "universal": universal_interrupted,
 }
