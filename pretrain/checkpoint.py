@@ -251,7 +251,9 @@ class CheckpointManager:
             t1 = time.perf_counter()
             mine = [p for p in _files_of(tag_dir) if _owner_rank(p.name) == self.info.rank]
             entries = _seal(tag_dir, mine)
-        except OSError as exc:
+        except (OSError, RuntimeError) as exc:
+            if not _is_write_failure(exc):
+                raise
             # Raised at once, without waiting for the other ranks: a rank that waits in a collective here
             # would hold the job until the timeout, while this process's exit ends it in seconds (the
             # launcher, or srun --kill-on-bad-exit, stops the rest).
@@ -290,16 +292,17 @@ class CheckpointManager:
             )
         return needed
 
-    def _write_failed(self, tag_dir: Path, exc: OSError, needed: int) -> SaveFailed:
+    def _write_failed(self, tag_dir: Path, exc: Exception, needed: int) -> SaveFailed:
         """Remove this rank's partial save; the one-line error naming the folder and the bytes needed."""
         shutil.rmtree(tag_dir, ignore_errors=True)  # never resumed from; frees what it took
         free = shutil.disk_usage(self.root).free if self.root.exists() else 0
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:120]
         message = (
             f"checkpoint.dir {self.root}: writing the checkpoint {tag_dir.name} failed on rank "
-            f"{self.info.rank} ({exc.strerror or exc}): it needs about {needed} bytes and {free} are free"
+            f"{self.info.rank} ({why}): it needs about {needed} bytes and {free} are free"
         )
         log.error("%s", message)
-        return SaveFailed(exc.errno, message)
+        return SaveFailed(exc.errno if isinstance(exc, OSError) else None, message)
 
     def _commit(self, tag_dir: Path, step: int, gathered: list[dict], meta: dict) -> None:
         """Rank 0: the manifest (the commit point), then LATEST, then retention."""
@@ -528,6 +531,20 @@ def checkpoint_bytes(folder: Path) -> int:
     """Bytes of a committed checkpoint, from its manifest (what the next save will write, about)."""
     manifest = read_manifest(folder)
     return sum(int(entry["bytes"]) for entry in manifest["files"].values()) + len(json.dumps(manifest))
+
+
+# torch.save reports a failed write (ENOSPC, EIO) as a RuntimeError of its zip writer, without errno.
+_TORCH_WRITE_ERROR = re.compile(r"iostream error|unexpected pos|failed writing|file write failed")
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """An OSError, or torch.save's RuntimeError for a write that failed (anywhere in the chain)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) or _TORCH_WRITE_ERROR.search(str(seen)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _estimate_bytes(engine) -> int:

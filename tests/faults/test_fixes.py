@@ -74,6 +74,17 @@ def test_a_write_that_fails_removes_the_partial_folder_and_says_what_it_needs(tm
     assert (tmp_path / tag_for(10) / MANIFEST).exists()
 
 
+def test_torch_saves_runtime_error_for_a_full_disk_is_a_write_failure_too(tmp_path: Path) -> None:
+    mgr = CheckpointManager(CheckpointConfig(), tmp_path, SINGLE)
+    engine = Engine()
+    engine.fail = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 128 vs 0")
+    with pytest.raises(SaveFailed, match=r"failed on rank 0 \(\[enforce fail.*unexpected pos 128 vs 0\)"):
+        mgr.save(engine, 10, {})
+    engine.fail = RuntimeError("something else entirely")
+    with pytest.raises(RuntimeError, match="something else"):
+        mgr.save(engine, 10, {})
+
+
 def test_retention_keeps_the_checkpoint_just_committed_and_ignores_a_save_in_flight(tmp_path: Path) -> None:
     mgr = CheckpointManager(CheckpointConfig(keep_last=1), tmp_path, SINGLE)
     mgr.save(Engine(), 10, {})
