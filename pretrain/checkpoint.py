@@ -302,7 +302,9 @@ class CheckpointManager:
             f"{self.info.rank} ({why}): it needs about {needed} bytes and {free} are free"
         )
         log.error("%s", message)
-        return SaveFailed(exc.errno if isinstance(exc, OSError) else None, message)
+        failed = SaveFailed(message)  # one argument: str() is the message alone, no "[Errno N]"
+        failed.errno = exc.errno if isinstance(exc, OSError) else None
+        return failed
 
     def _commit(self, tag_dir: Path, step: int, gathered: list[dict], meta: dict) -> None:
         """Rank 0: the manifest (the commit point), then LATEST, then retention."""
