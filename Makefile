@@ -2,6 +2,7 @@
 #   make demo   the whole path on CPU: shards -> 2-rank ZeRO-3 pre-training -> resume -> export -> fine-tune
 #   make test   the test suite (CPU; starts real DeepSpeed, DALI, MLflow and, where installed, Slurm)
 #   make test-fast  the edit-test loop: everything that starts no process and trains no real run (< 6 min)
+#   make faults fault injection on 2 CPU ranks: FAULTS_N random SIGKILLs + every other trial, then the table
 #   make lint   ruff lint + format check
 # GPU users: `make venv TORCH_SPEC=torch DALI_EXTRA=dali-cuda12` picks the CUDA builds instead.
 
@@ -13,7 +14,7 @@ PYTEST_ARGS ?=
 PY          := $(VENV)/bin/python
 STAMP       := $(VENV)/.installed-$(DALI_EXTRA)
 
-.PHONY: venv demo test test-fast lint format clean
+.PHONY: venv demo test test-fast faults lint format clean
 
 venv: $(STAMP)
 
@@ -34,6 +35,13 @@ test: venv
 FAST_MARKERS := not slow and not multiprocess and not slurm and not mlflow_server
 test-fast: venv
 	$(VENV)/bin/pytest -m "$(FAST_MARKERS)" $(PYTEST_ARGS)
+
+# Long: ~2-3 min per trial on 2 shared cores. Needs root for the full-disk tmpfs and the local Slurm cluster
+# (those trials report why they did not run otherwise). FAULTS_ARGS="--only kill,corrupt" picks trials.
+FAULTS_N    ?= 20
+FAULTS_ARGS ?=
+faults: venv
+	$(PY) -m tests.faults.run --n $(FAULTS_N) $(FAULTS_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -1,8 +1,8 @@
 #!/bin/bash
 # The body shared by pretrain.sbatch and finetune.sbatch. It runs as the job's batch shell (on the first
 # node): one srun task per node starts the `deepspeed` launcher in no-ssh mode, which starts one training
-# process per GPU. It turns Slurm's warning signal into a stop file, and the trainer's "requeue me" exit
-# status into `scontrol requeue`.
+# process per GPU. It turns Slurm's warning signal (and SIGTERM) into a stop file, and the trainer's
+# "requeue me" (exit status 3, or its `stop` event in the event log) into `scontrol requeue`.
 #
 #   usage: launch.sh MODULE CONFIG [key=value ...]   ->   python -m MODULE --config CONFIG key=value ...
 #
@@ -37,6 +37,7 @@ export COATNET_STOP_FILE=$RUN_DIR/STOP COATNET_EVENTS_FILE=$RUN_DIR/events.log
 rm -f "$COATNET_STOP_FILE" # left behind by the run that was preempted: this one must not stop at once
 event() { echo "$(date +%s.%N) $* job=$SLURM_JOB_ID restart=${SLURM_RESTART_COUNT:-0}" >>"$COATNET_EVENTS_FILE"; }
 event start "nodes=$SLURM_JOB_NODELIST"
+EVENTS_AT_START=$(wc -l <"$COATNET_EVENTS_FILE") # this job run's events are the lines after these
 
 # --- Processes per node
 if [[ -z ${NPROC_PER_NODE:-} ]]; then
@@ -66,21 +67,34 @@ scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$NPROC_PER_NODE
 
 # --- Warning signal (#SBATCH --signal=B:USR1@...) -> stop file. Only this shell receives it; the ranks
 # poll the file every few steps, agree on a step, checkpoint, and exit with EXIT_REQUEUE.
+# SIGTERM (preemption, the time limit, `scancel --signal=TERM --full`) reaches every process of the job at
+# once, the ranks too: they save and exit 3, but the launchers in between exit 143/1 whatever the ranks
+# returned, so the requeue decision below also reads the trainer's `stop` event. Trapping TERM keeps this
+# shell alive to make that decision (Slurm SIGKILLs everything KillWait seconds later).
 on_warning() {
-  event signal
+  event signal "sig=$1"
   touch "$COATNET_STOP_FILE"
 }
-trap on_warning USR1
+trap 'on_warning USR1' USR1
+trap 'on_warning TERM' TERM
 
 # --- Launch: one task per node. SLURM_NODEID differs per task, so the task's own shell expands it.
 # The step gets the job's CPUs and GPUs explicitly: Slurm 22.05's srun does not inherit --cpus-per-task,
 # and with task binding one CPU for eight ranks and their DALI threads would crawl.
 # --no_local_rank: ranks read LOCAL_RANK from the environment, the trainer's CLI stays --config + overrides.
-srun --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
+# --kill-on-bad-exit=1: a node whose launcher fails (a rank died) ends the other nodes' tasks at once,
+# instead of leaving them in a collective until the timeout.
+# `trap "" TERM`: the deepspeed runner (the task itself) would die of SIGTERM at once, and the end of the
+# task makes Slurm kill what is left of the step: the ranks in the middle of their stop checkpoint. Ignoring
+# TERM in the runner keeps the task alive until its per-node launcher (which handles TERM itself) and the
+# ranks (PreemptionHandler) have saved and exited.
+# srun itself runs with TERM ignored: on SIGTERM it would SIGKILL the whole step at once ("forcing job
+# termination", seen with Slurm 22.05); the tasks get Slurm's TERM directly and end the step themselves.
+(trap '' TERM; exec srun --kill-on-bad-exit=1 --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
   ${SLURM_GPUS_ON_NODE:+--gpus-per-node=$SLURM_GPUS_ON_NODE} \
-  bash -c 'exec deepspeed --node_rank "$SLURM_NODEID" "$@"' deepspeed \
+  bash -c 'trap "" TERM; exec deepspeed --node_rank "$SLURM_NODEID" "$@"' deepspeed \
   --hostfile "$HOSTFILE" --no_ssh --master_addr "$HEAD" --master_port "$MASTER_PORT" --no_local_rank \
-  --module "$MODULE" --config "$CONFIG" "$@" &
+  --module "$MODULE" --config "$CONFIG" "$@") &
 SRUN=$!
 
 # `wait` returns early whenever the trap runs; wait again until srun has really ended. bash keeps the
@@ -89,6 +103,11 @@ while kill -0 "$SRUN" 2>/dev/null; do wait "$SRUN" || true; done
 wait "$SRUN" && rc=0 || rc=$?
 event end "rc=$rc"
 
+# The trainer's `stop` event (after this job run's start): a checkpoint was saved on a stop request,
+# whatever status the launchers turned that into.
+if tail -n +"$((EVENTS_AT_START + 1))" "$COATNET_EVENTS_FILE" | grep -q '^[0-9.]* stop '; then
+  rc=$EXIT_REQUEUE
+fi
 if ((rc == EXIT_REQUEUE)); then
   event requeue
   # Back into the queue with the same job id (hence the same RUN_DIR); the trainer resumes from its

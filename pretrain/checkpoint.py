@@ -53,6 +53,13 @@ carries over, and how exactly (tests/test_checkpoint_resume.py):
 Conversion runs on rank 0 while the others wait in a collective: for the largest models make sure
 `engine.timeout_minutes` covers it.
 
+Disk space: before a save rank 0 compares the free space of the checkpoint folder with the size of the
+newest committed checkpoint (the estimate of what this save writes) and refuses the save on every rank
+when it does not fit; a write that fails anyway (ENOSPC, EIO, quota) removes the partial folder and ends
+the save with one line naming the folder, the bytes needed and the bytes free (SaveFailed). Neither
+damages a committed checkpoint: retention runs only after a commit, never deletes the checkpoint just
+committed, and never a folder of a save still in flight.
+
 Fault injection for tests: COATNET_CHECKPOINT_FAULT="<point>:<rank>" makes that rank SIGKILL itself
 at that point of its first save (points: FAULT_POINTS). Only a test sets it; it stands for a node dying.
 """
@@ -202,6 +209,10 @@ class ResumePoint:
         return self.load_dir != self.ckpt.path
 
 
+class SaveFailed(OSError):
+    """A checkpoint could not be written (disk full, I/O error); nothing committed was touched."""
+
+
 class CheckpointManager:
     """Saves, selects and loads committed checkpoints; every rank calls every method (they are collective)."""
 
@@ -231,13 +242,22 @@ class CheckpointManager:
             return None
         tag = tag_for(step)
         tag_dir = self.root / tag
-        dist.leader_decides(lambda: self._prepare(tag_dir))  # also the barrier before anyone writes
+        # Rank 0 clears debris and checks free space; also the barrier before anyone writes.
+        needed = dist.leader_decides(lambda: self._prepare(tag_dir))
         t0 = time.perf_counter()
-        engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
-        _fault_point("written", self.info.rank)
-        t1 = time.perf_counter()
-        mine = [p for p in _files_of(tag_dir) if _owner_rank(p.name) == self.info.rank]
-        entries = _seal(tag_dir, mine)
+        try:
+            engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
+            _fault_point("written", self.info.rank)
+            t1 = time.perf_counter()
+            mine = [p for p in _files_of(tag_dir) if _owner_rank(p.name) == self.info.rank]
+            entries = _seal(tag_dir, mine)
+        except (OSError, RuntimeError) as exc:
+            if not _is_write_failure(exc):
+                raise
+            # Raised at once, without waiting for the other ranks: a rank that waits in a collective here
+            # would hold the job until the timeout, while this process's exit ends it in seconds (the
+            # launcher, or srun --kill-on-bad-exit, stops the rest).
+            raise self._write_failed(tag_dir, exc, needed or _estimate_bytes(engine)) from exc
         _fault_point("hashed", self.info.rank)
         t2 = time.perf_counter()
         gathered = dist.all_gather_object(entries)
@@ -246,7 +266,9 @@ class CheckpointManager:
         self.last_timings = {"write": t1 - t0, "seal": t2 - t1, "commit": time.perf_counter() - t2}
         return tag_dir
 
-    def _prepare(self, tag_dir: Path) -> None:
+    def _prepare(self, tag_dir: Path) -> int | None:
+        """Rank 0 before a save: clear the folder of `tag_dir`, check free space. Returns the bytes this save
+        is expected to write (the newest committed checkpoint's size; None before the first one)."""
         self.root.mkdir(parents=True, exist_ok=True)
         if (tag_dir / MANIFEST).exists():
             # A committed checkpoint of a step this job redoes (resumed on purpose from an earlier one):
@@ -256,6 +278,33 @@ class CheckpointManager:
             log.warning("checkpoint %s of an earlier trajectory moved aside to %s", tag_dir, aside.name)
         elif tag_dir.exists():
             shutil.rmtree(tag_dir)  # debris of a save that died: never mixed with fresh files
+        committed = self.committed()
+        if not committed:
+            return None
+        needed = checkpoint_bytes(committed[0].path)
+        free = shutil.disk_usage(self.root).free
+        if free < needed * SPACE_MARGIN:
+            raise SaveFailed(
+                f"checkpoint.dir {self.root}: no space for the checkpoint {tag_dir.name}: it needs about "
+                f"{needed} bytes (the size of {committed[0].path.name}) and {free} are free; free space "
+                "there or lower checkpoint.keep_last, then rerun: it resumes from "
+                f"{committed[0].path.name}"
+            )
+        return needed
+
+    def _write_failed(self, tag_dir: Path, exc: Exception, needed: int) -> SaveFailed:
+        """Remove this rank's partial save; the one-line error naming the folder and the bytes needed."""
+        shutil.rmtree(tag_dir, ignore_errors=True)  # never resumed from; frees what it took
+        free = shutil.disk_usage(self.root).free if self.root.exists() else 0
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0][:120]
+        message = (
+            f"checkpoint.dir {self.root}: writing the checkpoint {tag_dir.name} failed on rank "
+            f"{self.info.rank} ({why}): it needs about {needed} bytes and {free} are free"
+        )
+        log.error("%s", message)
+        failed = SaveFailed(message)  # one argument: str() is the message alone, no "[Errno N]"
+        failed.errno = exc.errno if isinstance(exc, OSError) else None
+        return failed
 
     def _commit(self, tag_dir: Path, step: int, gathered: list[dict], meta: dict) -> None:
         """Rank 0: the manifest (the commit point), then LATEST, then retention."""
@@ -269,6 +318,9 @@ class CheckpointManager:
         self._prune(keep=step)
 
     def _prune(self, keep: int) -> None:
+        """Delete what retention lets go, after a commit only. Never the checkpoint just committed (`keep`,
+        the newest verified one), never a folder without a manifest at or after the newest commit (a save
+        in flight)."""
         committed = self.committed()
         keep_steps = {c.step for c in committed[: self.cfg.keep_last]} | {keep}
         if self.cfg.keep_every:
@@ -470,6 +522,37 @@ def _seal(folder: Path, files: list[Path]) -> dict[str, dict]:
         for future in synced:
             future.result()
     return entries
+
+
+# A save is refused unless the free space exceeds the previous checkpoint's size by this factor
+# (checkpoint sizes vary a little with the pickled client state).
+SPACE_MARGIN = 1.05
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    """Bytes of a committed checkpoint, from its manifest (what the next save will write, about)."""
+    manifest = read_manifest(folder)
+    return sum(int(entry["bytes"]) for entry in manifest["files"].values()) + len(json.dumps(manifest))
+
+
+# torch.save reports a failed write (ENOSPC, EIO) as a RuntimeError of its zip writer, without errno.
+_TORCH_WRITE_ERROR = re.compile(r"iostream error|unexpected pos|failed writing|file write failed")
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    """An OSError, or torch.save's RuntimeError for a write that failed (anywhere in the chain)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) or _TORCH_WRITE_ERROR.search(str(seen)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _estimate_bytes(engine) -> int:
+    """Before the first checkpoint: ~16 bytes per parameter (fp32 master + 2 Adam moments + bf16 weights)."""
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    return 16 * params
 
 
 def _is_ours(folder: Path) -> bool:

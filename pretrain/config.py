@@ -46,6 +46,12 @@ class RunConfig:
     log_every: int = doc("Steps between metric lines on the console and in MLflow.", 10, min=1)
     eval_every: int = doc("Steps between evaluations on data.val (0: only at the end).", 0, min=0)
     console_all_ranks: bool = doc("Print every rank's log on the console, not only rank 0's.", False)
+    stop_check_s: float = doc(
+        "Seconds between each rank's looks for the stop file of cluster/launch.sh. The ranks agree on a stop "
+        "request every step and stop at the next log step (signals are seen at once).",
+        2.0,
+        min=0.0,
+    )
 
 
 @dataclass

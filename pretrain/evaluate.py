@@ -16,16 +16,23 @@ def evaluate(
     *,
     label_kind: str,
     device: torch.device,
-) -> dict[str, float]:
+    stop: Callable[[], bool] | None = None,
+) -> dict[str, float] | None:
     """Top-1/top-5 (single-label) or precision@1 (multi-label) over the whole split.
 
     `batches` yields (images, labels, valid) where `valid` masks out the padding that gives every rank
     the same number of batches (ZeRO-3 forwards are collective: all ranks must run the same count).
     Counts are summed over ranks, so the result is the same on every rank.
+
+    `stop` (collective, e.g. PreemptionHandler.poll) is asked before every batch, so that a stop request
+    is not held up by a long evaluation; when it says True (on every rank at the same batch) the
+    evaluation is abandoned and None returned.
     """
     # [correct@1, correct@5, samples]; kept on the device, synchronised once at the end.
     counts = torch.zeros(3, dtype=torch.float64, device=device)
     for images, labels, valid in batches:
+        if stop is not None and stop():
+            return None
         logits = forward(images).float()
         valid = valid.to(logits.device, torch.bool)
         labels = labels.to(logits.device)

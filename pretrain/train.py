@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(dump_yaml(cfg))
         return 0
 
-    from pretrain.checkpoint import ResumeRefused
+    from pretrain.checkpoint import ResumeRefused, SaveFailed
     from pretrain.run_dir import RunRefused
     from pretrain.signing import Untrusted
     from pretrain.trainer import Trainer  # heavy imports (deepspeed, DALI) only for a real run
@@ -81,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outcome = trainer.fit()
         return outcome
+    except SaveFailed as exc:  # disk full: one line naming the folder and the bytes needed
+        outcome = exc
+        print(f"coatnet-train: error: {exc}", file=sys.stderr)
+        return 1
     except BaseException as exc:
         outcome = exc
         raise

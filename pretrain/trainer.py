@@ -208,7 +208,9 @@ class Trainer:
             tracker=build_tracker(cfg.tracking, info, run_dir.path),
             checkpoints=checkpoints,
             resume=resume,
-            preemption=PreemptionHandler(stop_file=job.stop_file),
+            preemption=PreemptionHandler(
+                stop_file=job.stop_file, file_every_s=cfg.run.stop_check_s, align=cfg.run.log_every
+            ),
             total_steps=total_steps,
             accum=accum,
             flops_per_image=_flops_per_image(cfg, num_classes),
@@ -336,6 +338,8 @@ class Trainer:
         if self.eval_loader is None:
             return {}
         results = self._evaluate_weights()
+        if not results:  # a stop request arrived during it (all ranks at one batch): save and stop
+            return {}
         if self.ema.ready:
             with self.ema.swapped_in():
                 results.update({f"ema_{k}": v for k, v in self._evaluate_weights().items() if k != "samples"})
@@ -349,11 +353,14 @@ class Trainer:
         return results
 
     def _evaluate_weights(self) -> dict[str, float]:
+        """{} when abandoned for a stop request (`PreemptionHandler.poll`, not during the final one)."""
         # Host-device sync point: evaluate() reads its counts once, at the end of the pass.
         self.engine.eval()
+        stop = self.preemption.poll if self.state.step < self.total_steps else None  # not the final one
         try:
-            return evaluate(
-                self.engine, self.eval_loader, label_kind=self.train_loader.label_kind, device=self.device
+            kind = self.train_loader.label_kind
+            return (
+                evaluate(self.engine, self.eval_loader, label_kind=kind, device=self.device, stop=stop) or {}
             )
         finally:
             self.engine.train()

@@ -9,8 +9,8 @@ digits shards, MLflow in the run folder's sqlite store. Three jobs:
 - a node's slurmd killed mid-run: Slurm requeues the job, which resumes from the last committed checkpoint,
   redoes the lost steps with the same losses as the first time, and finishes with the reference's losses.
 
-The loss windows line up across a restart because the trainer stops only at multiples of its preemption
-check interval (10 steps) and checkpoints every 20 steps, both multiples of the logging interval (5).
+The loss windows line up across a restart because the trainer stops only at log steps (multiples of the
+logging interval, 5) and checkpoints every 20 steps, a multiple of it.
 """
 
 from __future__ import annotations
@@ -241,7 +241,7 @@ def test_warning_signal_checkpoints_requeues_and_resumes_the_same_run(
     assert [e.fields["rc"] for e in events if e.name == "end"] == ["3", "0"]  # 3: EXIT_REQUEUE
     (stop,) = [int(e.fields["step"]) for e in events if e.name == "stop"]
     (resumed,) = [int(e.fields["step"]) for e in events if e.name == "resumed"]
-    assert stop % 10 == 0 and stop < STEPS  # ranks agree at a preemption check, before the end
+    assert stop % LOG_EVERY == 0 and stop < STEPS  # ranks stop at a log step, before the end
     assert resumed == stop + 1  # nothing redone, nothing skipped
     assert stop in [int(e.fields["step"]) for e in events if e.name == "checkpoint"]  # saved on the stop
 

@@ -1,0 +1,57 @@
+"""The short fault set of `make test`: real deepspeed launches on 2 CPU ranks, judged by their losses.
+
+Two random SIGKILLs (one inside a save, one between steps), the newest checkpoint corrupted, a second job
+on a live run folder, resume=never on 2 ranks, and a full disk. The long set (N random kills and every
+other trial, with the table) is `make faults` (python -m tests.faults.run).
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+
+from tests.faults import harness, trials
+from tests.faults.run import table
+
+pytestmark = [pytest.mark.slow, pytest.mark.multiprocess, pytest.mark.timeout(1200)]
+
+
+@pytest.fixture(scope="module")
+def ctx(tmp_path_factory: pytest.TempPathFactory, digits_shards: Path) -> harness.Context:
+    root = tmp_path_factory.mktemp("faults")
+    return harness.Context(
+        root=root, shards=digits_shards, reference=harness.make_reference(root, digits_shards)
+    )
+
+
+def check(result: harness.Result) -> None:
+    print("\n" + table([result]))
+    assert result.ok, table([result])
+
+
+@pytest.mark.parametrize("mode", ["save", "step"])
+def test_a_random_sigkill_loses_nothing_beyond_the_last_checkpoint(ctx: harness.Context, mode: str) -> None:
+    check(harness.random_kill(ctx, random.Random(mode), index=0, mode=mode))
+
+
+def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_run_resumes_from_the_previous(
+    ctx: harness.Context,
+) -> None:
+    check(trials.corrupt_newest(ctx))
+
+
+def test_a_second_job_on_a_live_run_folder_is_refused_naming_the_holder(ctx: harness.Context) -> None:
+    check(trials.second_job(ctx))
+
+
+def test_resume_never_on_two_ranks_refuses_a_folder_that_holds_a_run(ctx: harness.Context) -> None:
+    check(trials.resume_never(ctx))
+
+
+def test_a_full_disk_refuses_the_save_naming_folder_and_bytes_then_resumes(ctx: harness.Context) -> None:
+    result = trials.full_disk(ctx, "precheck")
+    if "cannot mount" in result.note:
+        pytest.skip(result.note)
+    check(result)
