@@ -42,7 +42,7 @@ from pretrain.config import RESUME_INVARIANT_KEYS, TrainConfig, resume_hash
 from pretrain.configlib import dump_yaml, flatten, to_tree
 from pretrain.ds_config import deepspeed_config, grad_accum_steps
 from pretrain.ema import ShardedEma
-from pretrain.engine import build_engine, build_model, full_parameter_count
+from pretrain.engine import build_engine, build_model, full_parameter_count, untraced_forward
 from pretrain.evaluate import evaluate
 from pretrain.logs import setup_logging
 from pretrain.losses import build_loss
@@ -487,7 +487,8 @@ class Trainer:
         """
         self.engine.eval()
         try:
-            with torch.no_grad():
+            # After a resume this is the process's first forward: ZeRO-3 must not take it as its trace.
+            with torch.no_grad(), untraced_forward(self.engine):
                 logits = self.engine(canary["images"].to(self.device))
                 loss = canary_loss(logits, canary["targets"].to(self.device), self.train_loader.label_kind)
         finally:
