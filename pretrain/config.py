@@ -183,6 +183,10 @@ class CheckpointConfig:
         False,
     )
 
+    def folder(self, run_dir: Path) -> Path:
+        """Where the checkpoints go: `dir`, else <run folder>/checkpoints."""
+        return Path(self.dir) if self.dir else run_dir / "checkpoints"
+
 
 @dataclass
 class InitConfig:

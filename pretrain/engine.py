@@ -139,3 +139,12 @@ def local_parameter_count(model: torch.nn.Module) -> int:
         else:
             total += p.numel()
     return total
+
+
+def training_flops_per_image(cfg: ModelConfig, num_classes: int) -> float:
+    """Training FLOPs per image: 3 (forward + 2 x backward) x 2 FLOPs per multiply-accumulate (on meta)."""
+    from pretrain.model import count_macs
+
+    with torch.device("meta"):
+        meta = create_model(cfg.name, num_classes=num_classes, image_size=cfg.image_size, **cfg.overrides())
+    return 6.0 * count_macs(meta, cfg.image_size).macs

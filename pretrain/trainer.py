@@ -30,12 +30,17 @@ from pretrain.config import TrainConfig, resume_invariants
 from pretrain.configlib import ConfigError, dump_yaml, flatten, to_tree
 from pretrain.ds_config import deepspeed_config, grad_accum_steps
 from pretrain.ema import NoEma, ShardedEma
-from pretrain.engine import build_engine, build_model, full_parameter_count, set_determinism
+from pretrain.engine import (
+    build_engine,
+    build_model,
+    full_parameter_count,
+    set_determinism,
+    training_flops_per_image,
+)
 from pretrain.evaluate import evaluate
 from pretrain.logs import setup_logging
 from pretrain.losses import build_loss
 from pretrain.metrics import StepMeter, format_eta
-from pretrain.model import count_macs, create_model
 from pretrain.optim import build_optimizer, build_scheduler, total_and_warmup_steps
 from pretrain.preemption import EXIT_REQUEUE, JobContext, PreemptionHandler, downtimes
 from pretrain.run_dir import RunDir
@@ -134,29 +139,15 @@ class Trainer:
         log.info(
             "run folder %s; %d rank(s) via %s on %s", run_dir.path, info.world_size, info.launcher, device
         )
-        checkpoints = CheckpointManager(cfg.checkpoint, _checkpoint_root(cfg, run_dir.path), info)
+        checkpoints = CheckpointManager(cfg.checkpoint, cfg.checkpoint.folder(run_dir.path), info)
         resume = checkpoints.select(resume_invariants(cfg))  # verified, converted; before anything is written
         run_dir.write_config(dump_yaml(cfg))
         set_determinism(cfg.engine.deterministic)  # before the first kernel: cuBLAS reads its workspace then
         seed_everything(cfg.run.seed)  # the same on every rank: the model starts identical everywhere
 
-        train_loader = build_train_loader(
-            cfg.data,
-            image_size=cfg.model.image_size,
-            rank=info.rank,
-            world_size=info.world_size,
-            seed=cfg.run.seed,
-            device=device,
-        )
-        eval_loader = None
-        if cfg.data.val:
-            eval_loader = build_eval_loader(
-                cfg.data,
-                image_size=cfg.model.image_size,
-                rank=info.rank,
-                world_size=info.world_size,
-                device=device,
-            )
+        where = {"image_size": cfg.model.image_size, "rank": info.rank, "world_size": info.world_size}
+        train_loader = build_train_loader(cfg.data, seed=cfg.run.seed, device=device, **where)
+        eval_loader = build_eval_loader(cfg.data, device=device, **where) if cfg.data.val else None
         num_classes = cfg.model.num_classes or train_loader.num_classes
 
         accum = grad_accum_steps(cfg.engine.global_batch_size, cfg.data.batch_size, info.world_size)
@@ -213,7 +204,7 @@ class Trainer:
             ),
             total_steps=total_steps,
             accum=accum,
-            flops_per_image=_flops_per_image(cfg, num_classes),
+            flops_per_image=training_flops_per_image(cfg.model, num_classes),
             ema=ema,
             init_report=init_report,
         )
@@ -483,16 +474,3 @@ def _check_inputs(cfg: TrainConfig) -> None:
             ShardedDataset(value)
         except (FileNotFoundError, ValueError) as exc:
             raise ConfigError(f"{key}: {exc}") from None
-
-
-def _checkpoint_root(cfg: TrainConfig, run_dir: Path) -> Path:
-    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else run_dir / "checkpoints"
-
-
-def _flops_per_image(cfg: TrainConfig, num_classes: int) -> float:
-    """Training FLOPs per image: 3 (forward + 2 x backward) x 2 FLOPs per multiply-accumulate."""
-    with torch.device("meta"):
-        meta = create_model(
-            cfg.model.name, num_classes=num_classes, image_size=cfg.model.image_size, **cfg.model.overrides()
-        )
-    return 6.0 * count_macs(meta, cfg.model.image_size).macs
