@@ -26,7 +26,7 @@ from data_pipeline.loader import TrainLoader, build_eval_loader, build_train_loa
 from pretrain import dist
 from pretrain.card import model_card
 from pretrain.checkpoint import CheckpointManager, Committed, ResumePoint
-from pretrain.config import TrainConfig, resume_invariants
+from pretrain.config import TrainConfig, redact_userinfo, resume_invariants
 from pretrain.configlib import ConfigError, dump_yaml, flatten, to_tree
 from pretrain.ds_config import deepspeed_config, grad_accum_steps
 from pretrain.ema import NoEma, ShardedEma
@@ -141,7 +141,7 @@ class Trainer:
         )
         checkpoints = CheckpointManager(cfg.checkpoint, cfg.checkpoint.folder(run_dir.path), info)
         resume = checkpoints.select(resume_invariants(cfg))  # verified, converted; before anything is written
-        run_dir.write_config(dump_yaml(cfg))
+        run_dir.write_config(redact_userinfo(dump_yaml(cfg)))  # no URI's password in the run folder
         set_determinism(cfg.engine.deterministic)  # before the first kernel: cuBLAS reads its workspace then
         seed_everything(cfg.run.seed)  # the same on every rank: the model starts identical everywhere
 
