@@ -88,13 +88,11 @@ trap 'on_warning TERM' TERM
 # task makes Slurm kill what is left of the step: the ranks in the middle of their stop checkpoint. Ignoring
 # TERM in the runner keeps the task alive until its per-node launcher (which handles TERM itself) and the
 # ranks (PreemptionHandler) have saved and exited.
-# srun itself runs with TERM ignored: on SIGTERM it would SIGKILL the whole step at once ("forcing job
-# termination", seen with Slurm 22.05); the tasks get Slurm's TERM directly and end the step themselves.
-(trap '' TERM; exec srun --kill-on-bad-exit=1 --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
+srun --kill-on-bad-exit=1 --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task=$SLURM_CPUS_PER_TASK} \
   ${SLURM_GPUS_ON_NODE:+--gpus-per-node=$SLURM_GPUS_ON_NODE} \
   bash -c 'trap "" TERM; exec deepspeed --node_rank "$SLURM_NODEID" "$@"' deepspeed \
   --hostfile "$HOSTFILE" --no_ssh --master_addr "$HEAD" --master_port "$MASTER_PORT" --no_local_rank \
-  --module "$MODULE" --config "$CONFIG" "$@") &
+  --module "$MODULE" --config "$CONFIG" "$@" &
 SRUN=$!
 
 # `wait` returns early whenever the trap runs; wait again until srun has really ended. bash keeps the
