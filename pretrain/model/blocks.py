@@ -151,12 +151,13 @@ def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
 
     The bias goes to SDPA as a (1, heads, N, N) view, broadcast over the batch. The layout decides the
     kernel: on CPU a 3-D mask always takes the unfused math path, a 4-D one takes the fused flash kernel
-    when the mask needs no gradient (inference: one S3 layer of CoAtNet-0, batch 8, ~3x faster); in
-    training the learned bias needs its gradient and CPU falls back to math either way. On CUDA the
-    memory-efficient kernel (the one that takes a mask with a gradient) expands either layout to
-    (B, heads, N, N) without a copy as long as every stride but the last is a multiple of 8: the padded
-    rows of ``RelativeAttention.relative_bias`` give that, and unsqueeze keeps it (the new leading
-    stride is heads x N x N_pad).
+    when the mask needs no gradient (inference; an S3 layer of CoAtNet-0, batch 8, fp32, 1 thread: SDPA
+    100 -> 29 ms, the whole layer 174 -> 92 ms); in training the learned bias needs its gradient and
+    CPU runs the math kernel either way. On CUDA the memory-efficient kernel (the one that takes a mask
+    with a gradient) expands either layout to (B, heads, N, N) without a copy as long as every stride
+    but the last is a multiple of 8 (aten's preprocess_mask): the padded rows of
+    ``RelativeAttention.relative_bias`` give that, and unsqueeze keeps it (the new leading stride is
+    heads x N x N_pad). Not measured on a GPU here.
     """
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
 

@@ -52,8 +52,8 @@ class CoAtNetConfig:
     drop_path_rate: float = 0.0
     bn_eps: float = 1e-5
     # PyTorch convention: running = (1 - momentum) * running + momentum * batch. TensorFlow's decay d is
-    # momentum 1 - d (the paper's TF default decay 0.99 would be 0.01); 0.1 is torch's default, which
-    # this model has always used (docs/coatnet.md does not fix it).
+    # momentum 1 - d (TF/Keras's default decay 0.99, presumably the paper's, is 0.01); 0.1 is torch's
+    # default, which this model has always used (docs/coatnet.md does not fix it).
     bn_momentum: float = 0.1
     ln_eps: float = 1e-5
     notes: str = field(default="", compare=False)
