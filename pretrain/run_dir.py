@@ -3,6 +3,8 @@
     <output_dir>/<run.name>/
         LOCK             the live job holding the folder: host, pid, Slurm job id, heartbeat (JSON)
         config.yaml      the resolved config (an earlier, different one is kept as config.<time>.yaml)
+        ds_config.json   the DeepSpeed config the engine got
+        mlflow-spool/    MLflow records not yet delivered (pretrain.spool)
         metrics.jsonl    one JSON line per log step and per evaluation (rank 0)
         logs/rank<R>.log every rank's log
         checkpoints/     committed checkpoints (pretrain.checkpoint), unless checkpoint.dir says elsewhere
