@@ -320,6 +320,11 @@ def _check_consistency(cfg: TrainConfig, origin: dict[str, str], path: str) -> N
 
     if (cfg.schedule.steps is None) == (cfg.schedule.epochs is None):
         fail("schedule.steps", "set exactly one of schedule.steps and schedule.epochs")
+    if cfg.schedule.steps is not None and cfg.schedule.warmup_steps > cfg.schedule.steps:
+        fail(
+            "schedule.warmup_steps",
+            f"{cfg.schedule.warmup_steps} is longer than the whole schedule (schedule.steps={cfg.schedule.steps})",
+        )
     if cfg.model.image_size % 32:
         fail("model.image_size", f"{cfg.model.image_size} is not divisible by 32")
     _check_model(cfg.model, fail)

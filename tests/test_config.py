@@ -209,6 +209,8 @@ def test_mistakes_found_before_any_work(base: Path) -> None:
         load_config(base, ["model.name=coatnet_9"])
     with pytest.raises(ConfigError, match=r"override 'model=' has no value \(write model=null"):
         load_config(base, ["model="])
+    with pytest.raises(ConfigError, match=r"schedule.warmup_steps: 20 is longer than the whole schedule"):
+        load_config(base, ["schedule.warmup_steps=20"])  # base: schedule.steps=10
     with pytest.raises(ConfigError, match="model: coatnet_0 does not build with these overrides"):
         load_config(base, ["model.depths=[1,1]"])
 
