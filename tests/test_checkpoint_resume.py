@@ -21,7 +21,7 @@ import torch
 from pretrain.checkpoint import HASH_KEY, MANIFEST, POINTER, file_digest, read_manifest, tag_for
 from pretrain.export import consolidated_state_dict
 from pretrain.signing import sign
-from tests.fixtures.training import STEPS, K, assert_stopped_for_requeue
+from tests.fixtures.training import STEPS, STOP_AT_K, K, assert_stopped_for_requeue
 from tests.fixtures.training import smoke_train as train
 from tests.helpers.launch import losses, rank0_log, tail
 
@@ -56,7 +56,8 @@ def test_two_ranks_stopped_and_resumed_match_an_uninterrupted_run_bitwise(
     assert f"resumed from {resumed / 'checkpoints' / tag_for(K)} at step {K}" in rank0_log(resumed)
     expected = losses(reference)
     assert sorted(expected) == list(range(1, STEPS + 1))
-    assert losses(resumed) == expected  # bitwise: float equality of every step's loss
+    after = range(K + 1, STEPS + 1)  # the stopped job logged one mean over 1..K; every later step is compared
+    assert {s: losses(resumed)[s] for s in after} == {s: expected[s] for s in after}  # bitwise float equality
     final = tag_for(STEPS)
     a = consolidated_state_dict(reference / "checkpoints" / final)
     b = consolidated_state_dict(resumed / "checkpoints" / final)
@@ -149,10 +150,11 @@ def test_one_rank_to_two_through_the_universal_checkpoint(
     reference = reference_run
     run_dir, stop = tmp_path / "one-to-two", tmp_path / "stop"
     stop.touch()
-    proc = train(1, run_dir, digits_shards, env={"COATNET_STOP_FILE": str(stop)})
+    proc = train(1, run_dir, digits_shards, STOP_AT_K, env={"COATNET_STOP_FILE": str(stop)})
     assert_stopped_for_requeue(proc, run_dir)
     expected = losses(reference)
-    assert_close_trajectory(losses(run_dir), expected, range(1, K + 1))  # same samples at 1 rank
+    # Same samples at 1 rank: the mean loss of steps 1..K is the reference's, to bf16 summation order.
+    assert abs(losses(run_dir)[K] - sum(expected[s] for s in range(1, K + 1)) / K) < EARLY_TOL
     stop.unlink()
     proc = train(2, run_dir, digits_shards)
     assert proc.returncode == 0, tail(proc)
