@@ -4,5 +4,6 @@ pytest_plugins = [
     "tests.fixtures.images",
     "tests.fixtures.mlflow_server",
     "tests.fixtures.slurm",
+    "tests.fixtures.threads",
     "tests.fixtures.training",
 ]

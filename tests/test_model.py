@@ -15,17 +15,7 @@ from pretrain.model import VARIANTS, CoAtNet, create_model, create_model_from_co
 IMAGE = 64  # smallest size that keeps a 2x2 grid in S4
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Run these small models on one intra-op thread.
-
-    They gain nothing from more, and on an oversubscribed machine (a shared CI box) OpenMP spin-waiting
-    made them 5-6x slower with 2 threads (45 s instead of 7 s for the photograph test).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_overrides(name: str) -> dict:

@@ -22,13 +22,7 @@ MATH = "aten::_scaled_dot_product_attention_math"
 SMALL = {"depths": [1, 1, 1, 2, 1], "dims": [16, 16, 32, 64, 128], "head_dim": 16, "num_classes": 10}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """One intra-op thread: these layers are small (see test_model.py's fixture of the same name)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def attention_3d_mask(q, k, v, bias):

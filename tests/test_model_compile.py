@@ -20,15 +20,15 @@ TINY = {"depths": [1, 1, 1, 1, 1], "dims": [16, 16, 32, 64, 128], "head_dim": 16
 IMAGE = 64
 
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
 @pytest.fixture(autouse=True)
-def _single_thread_and_fresh_dynamo():
-    """One intra-op thread (small models, see test_model.py) and no compiled code from another test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _fresh_dynamo():
+    """No compiled code from another test."""
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-    torch.set_num_threads(before)
 
 
 def twins(checkpointing: bool = True, **kw) -> tuple[nn.Module, nn.Module]:

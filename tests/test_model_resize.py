@@ -13,17 +13,7 @@ from pretrain.model.relative_bias import interpolate_table, relative_position_in
 SMALL = {"depths": [1, 1, 1, 2, 1], "dims": [16, 16, 32, 64, 128], "head_dim": 16}
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    """Run these small models on one intra-op thread.
-
-    They gain nothing from more, and on an oversubscribed machine (a shared CI box) OpenMP spin-waiting
-    made them 5-6x slower with 2 threads (45 s instead of 7 s for the photograph test).
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_index_reads_the_table_at_the_token_offsets():
