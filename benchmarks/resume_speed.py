@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -75,7 +76,10 @@ def launch(run_dir: Path, shards: Path, steps: int, stop_file: Path, extra: list
     env.pop("MLFLOW_TRACKING_URI", None)
     run_dir.mkdir(parents=True, exist_ok=True)
     with open(run_dir / "console.log", "a") as console:
-        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=console, stderr=subprocess.STDOUT)
+        # A session of its own: on a timeout the launcher and its ranks are killed together.
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=console, stderr=subprocess.STDOUT, start_new_session=True
+        )
 
 
 def train_lines(run_dir: Path) -> list[dict]:
@@ -90,7 +94,7 @@ def wait(proc: subprocess.Popen, run_dir: Path, expected: int, timeout: float) -
     try:
         status = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         raise SystemExit(
             f"resume_speed: {run_dir} ran past {timeout:.0f} s; see {run_dir / 'console.log'}"
         ) from None
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=20, help="first step of the 'before' window")
     parser.add_argument("--settle", type=int, default=40, help="'after' window starts at stop + settle")
     parser.add_argument("--out", type=Path, default=None, help="folder for shards and runs (default: temp)")
-    parser.add_argument("--timeout", type=float, default=600, help="seconds per launch before giving up")
+    parser.add_argument("--timeout", type=float, default=1200, help="seconds per launch before giving up")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument(
         "overrides", nargs="*", metavar="key=value", help="extra config overrides for every run (A/B tests)"
