@@ -520,7 +520,7 @@ def test_a_run_that_meets_a_corrupt_image_mid_run_is_failed(tmp_path: Path, digi
 
 @pytest.fixture(scope="module")
 def requeued_run(tmp_path_factory: pytest.TempPathFactory, digits_shards: Path) -> tuple[Path, str, str]:
-    """A run stopped for requeue at step 10 (the stop file), then resumed to step 20. Returns the run
+    """A run stopped for requeue at step 5 (the stop file; a stop lands on the next log step), then resumed to step 20. Returns the run
     folder and the MLflow run's status after each job."""
     root = tmp_path_factory.mktemp("requeue")
     run_dir, stop = root / "runs" / "pre", root / "STOP"
@@ -545,7 +545,7 @@ def test_a_run_stopped_for_requeue_is_killed_then_resumed_in_the_same_run_and_fi
     client, run = only_run(default_store_uri(run_dir.parent))  # one store in the output folder
     assert loss_history(client, run.info.run_id) == losses_of(run_dir)
     assert sorted(losses_of(run_dir)) == [5, 10, 15, 20]
-    assert run.data.tags["resumed_from_step"] == "10" and run.data.metrics["preemption/count"] == 1
+    assert run.data.tags["resumed_from_step"] == "5" and run.data.metrics["preemption/count"] == 1
     assert 0 < run.data.metrics["perf/goodput"] < 1
     assert run.data.metrics["train/samples_seen"] == 20 * 32
     assert (
