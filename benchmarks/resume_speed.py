@@ -16,14 +16,18 @@ For each run the figure is after/before: the median images/s of the metric lines
 (from stop + --settle steps on, so that the resumed process's first steps are not counted) over the
 median of the lines before it (from --warmup steps to the stop step). Both runs use the same windows,
 so the uninterrupted run's ratio is the reference; the invariant asks for the resumed one to match it.
-The median data-wait fraction and step time of each window say whether a slowdown is input or compute.
-Load averages are printed before and after: the machine is shared and its load moves the figures.
+The median data-wait fraction of each window says whether a slowdown is input or compute. Beside it, the
+ranks' CPU seconds per step (utime + stime of both rank processes, read from /proc at each metric line):
+images/s moves with whatever else runs on the machine, CPU time per step hardly does, so its after/before
+still shows extra work per step when the load changes between the windows. Load averages are printed at
+the start and the end.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import signal
@@ -90,48 +94,113 @@ def train_lines(run_dir: Path) -> list[dict]:
     return [m for m in lines if "images_per_s" in m]
 
 
-def wait(proc: subprocess.Popen, run_dir: Path, expected: int, timeout: float) -> None:
-    try:
-        status = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+def rank_pids(root: int) -> list[int]:
+    """The training ranks below the launcher `root` (its descendants running pretrain.train)."""
+    parent, found = {}, []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    for pid in parent:
+        up = pid
+        while up in parent and up != root:
+            up = parent[up]
+        if up == root and pid != root:
+            try:
+                if b"pretrain.train" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:4]:
+                    found.append(pid)
+            except OSError:
+                continue
+    return sorted(found)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of the processes (all their threads: torch, gloo, DALI)."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime in clock ticks
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def follow(
+    proc: subprocess.Popen,
+    run_dir: Path,
+    expected: int,
+    timeout: float,
+    stop_file: Path,
+    stop_at: int | None = None,
+) -> dict[int, float]:
+    """Wait for the launch; create the stop file at the metric line of step `stop_at` - LOG_EVERY.
+
+    Returns step -> CPU seconds per step of both ranks together since this launch's previous metric line,
+    sampled when each line appears: unlike images/s, CPU time per step hardly moves with the machine's load
+    (a process waiting for a core uses none), so it shows extra work even when other jobs share the cores.
+    """
+    deadline = time.monotonic() + timeout
+    metrics = run_dir / "metrics.jsonl"
+    size, seen, pids = -1, None, []
+    last: tuple[int, float] | None = None
+    cpu: dict[int, float] = {}
+    while proc.poll() is None:
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise SystemExit(
+                f"resume_speed: {run_dir} ran past {timeout:.0f} s; see {run_dir / 'console.log'}"
+            )
+        now_size = metrics.stat().st_size if metrics.exists() else -1
+        if now_size != size:
+            size, lines = now_size, train_lines(run_dir)
+            if seen is None:
+                seen = len(lines)  # lines of an earlier launch of the same run
+            if len(lines) > seen:
+                seen = len(lines)
+                pids = pids if len(pids) == 2 else rank_pids(proc.pid)
+                step, used = lines[-1]["step"], cpu_seconds(pids)
+                if last is not None and step > last[0]:
+                    cpu[step] = (used - last[1]) / (step - last[0])
+                last = (step, used)
+                if stop_at is not None and step >= stop_at - LOG_EVERY:
+                    stop_file.touch()  # seen at the ranks' next stop check, the step `stop_at`
+        time.sleep(0.02)
+    if proc.returncode != expected:
         raise SystemExit(
-            f"resume_speed: {run_dir} ran past {timeout:.0f} s; see {run_dir / 'console.log'}"
-        ) from None
-    if status != expected:
-        raise SystemExit(
-            f"resume_speed: {run_dir} exited with {status}, expected {expected}; "
+            f"resume_speed: {run_dir} exited with {proc.returncode}, expected {expected}; "
             f"see {run_dir / 'console.log'}"
         )
+    return cpu
 
 
-def uninterrupted(run_dir: Path, shards: Path, steps: int, extra: list[str], timeout: float) -> None:
-    proc = launch(run_dir, shards, steps, run_dir / "STOP", extra)
-    wait(proc, run_dir, EXIT_OK, timeout)
+def uninterrupted(
+    run_dir: Path, shards: Path, steps: int, extra: list[str], timeout: float
+) -> dict[int, float]:
+    stop_file = run_dir / "STOP"
+    return follow(launch(run_dir, shards, steps, stop_file, extra), run_dir, EXIT_OK, timeout, stop_file)
 
 
 def stop_and_resume(
     run_dir: Path, shards: Path, steps: int, stop: int, extra: list[str], timeout: float
-) -> int:
-    """Stop near `stop` with the stop file, then resume to `steps`. Returns the step the first job saved at."""
+) -> tuple[int, dict[int, float]]:
+    """Stop at `stop` with the stop file, then resume to `steps`. Returns the step the first job saved at
+    and the CPU seconds per step of both jobs."""
     stop_file = run_dir / "STOP"
     proc = launch(run_dir, shards, steps, stop_file, extra)
-    deadline = time.monotonic() + timeout
-    while proc.poll() is None and time.monotonic() < deadline:
-        done = train_lines(run_dir)
-        if done and done[-1]["step"] >= stop - LOG_EVERY:
-            stop_file.touch()  # seen at the next multiple of CHECK_EVERY
-            break
-        time.sleep(0.02)
-    wait(proc, run_dir, EXIT_REQUEUE, max(1.0, deadline - time.monotonic()))
+    cpu = follow(proc, run_dir, EXIT_REQUEUE, timeout, stop_file, stop_at=stop)
     stop_file.unlink(missing_ok=True)
     stopped = train_lines(run_dir)[-1]["step"]
-    wait(launch(run_dir, shards, steps, stop_file, extra), run_dir, EXIT_OK, timeout)
-    return stopped
+    proc = launch(run_dir, shards, steps, stop_file, extra)
+    cpu.update(follow(proc, run_dir, EXIT_OK, timeout, stop_file))
+    return stopped, cpu
 
 
-def windows(lines: list[dict], stopped: int, warmup: int, settle: int) -> dict[str, float]:
-    """Median images/s, data-wait fraction and step time before and after the stop point."""
+def windows(
+    lines: list[dict], cpu: dict[int, float], stopped: int, warmup: int, settle: int
+) -> dict[str, float]:
+    """Median images/s, data-wait fraction, step time and CPU s/step before and after the stop point."""
     before = [m for m in lines if warmup <= m["step"] <= stopped]
     after = [m for m in lines if m["step"] >= stopped + settle]
     if not before or not after:
@@ -140,7 +209,10 @@ def windows(lines: list[dict], stopped: int, warmup: int, settle: int) -> dict[s
     for name, part in (("before", before), ("after", after)):
         for key in ("images_per_s", "data_wait_fraction", "step_time_s"):
             out[f"{name}_{key}"] = statistics.median(m[key] for m in part)
+        sampled = [cpu[m["step"]] for m in part if m["step"] in cpu]  # not a launch's first line
+        out[f"{name}_cpu_s_per_step"] = statistics.median(sampled) if sampled else math.nan
     out["ratio"] = out["after_images_per_s"] / out["before_images_per_s"]
+    out["cpu_ratio"] = out["after_cpu_s_per_step"] / out["before_cpu_s_per_step"]
     return out
 
 
@@ -151,10 +223,10 @@ def load_average() -> str:
 def describe(name: str, fig: dict[str, float]) -> str:
     return (
         f"{name:<14} before {fig['before_images_per_s']:6.0f} img/s "
-        f"(data {100 * fig['before_data_wait_fraction']:4.1f}%, {1000 * fig['before_step_time_s']:.1f} ms/step)"
+        f"(data {100 * fig['before_data_wait_fraction']:4.1f}%, {1000 * fig['before_cpu_s_per_step']:.0f} CPU ms/step)"
         f"  after {fig['after_images_per_s']:6.0f} img/s "
-        f"(data {100 * fig['after_data_wait_fraction']:4.1f}%, {1000 * fig['after_step_time_s']:.1f} ms/step)"
-        f"  after/before {fig['ratio']:.2f}"
+        f"(data {100 * fig['after_data_wait_fraction']:4.1f}%, {1000 * fig['after_cpu_s_per_step']:.0f} CPU ms/step)"
+        f"  after/before {fig['ratio']:.2f} (CPU per step {fig['cpu_ratio']:.2f})"
     )
 
 
@@ -182,19 +254,24 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{load_average()} (start); runs in {runs}", flush=True)
     t0 = time.time()
-    uninterrupted(runs / "uninterrupted", shards, args.steps, args.overrides, args.timeout)
-    stopped = stop_and_resume(runs / "resumed", shards, args.steps, args.stop, args.overrides, args.timeout)
+    cpu_a = uninterrupted(runs / "uninterrupted", shards, args.steps, args.overrides, args.timeout)
+    stopped, cpu_b = stop_and_resume(
+        runs / "resumed", shards, args.steps, args.stop, args.overrides, args.timeout
+    )
     figs = {
-        "uninterrupted": windows(train_lines(runs / "uninterrupted"), stopped, args.warmup, args.settle),
-        "resumed": windows(train_lines(runs / "resumed"), stopped, args.warmup, args.settle),
+        "uninterrupted": windows(
+            train_lines(runs / "uninterrupted"), cpu_a, stopped, args.warmup, args.settle
+        ),
+        "resumed": windows(train_lines(runs / "resumed"), cpu_b, stopped, args.warmup, args.settle),
     }
     print(f"{args.steps} steps each, 2 ranks (deepspeed launcher); stop file at step {stopped}")
     for name, fig in figs.items():
         print(describe(name, fig))
     print(
         f"resume: after/before {figs['resumed']['ratio']:.2f} "
-        f"(uninterrupted: {figs['uninterrupted']['ratio']:.2f}); {load_average()} (end); "
-        f"{time.time() - t0:.0f} s"
+        f"(uninterrupted: {figs['uninterrupted']['ratio']:.2f}); CPU per step after/before "
+        f"{figs['resumed']['cpu_ratio']:.2f} (uninterrupted: {figs['uninterrupted']['cpu_ratio']:.2f}); "
+        f"{load_average()} (end); {time.time() - t0:.0f} s"
     )
     if args.json:
         args.json.write_text(json.dumps({"stopped_at": stopped, "load": os.getloadavg(), **figs}, indent=1))
