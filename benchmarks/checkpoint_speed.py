@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import statistics
 import tempfile
 import time
@@ -99,9 +98,7 @@ def main() -> None:
 
     info = dist.detect()
     if info.launcher == "single":
-        with socket.socket() as s:  # a free port for the one-process group
-            s.bind(("127.0.0.1", 0))
-            os.environ.setdefault("MASTER_PORT", str(s.getsockname()[1]))
+        os.environ.setdefault("MASTER_PORT", str(dist.free_port()))  # for the one-process group
     dist.init_distributed(info, timeout_minutes=30)
     root = args.dir or Path(tempfile.mkdtemp(prefix="ckpt-bench-"))
     root = Path(dist.broadcast_object(str(root)))

@@ -48,8 +48,8 @@ from pathlib import Path
 
 import torch
 
-from cluster.local_slurm import free_port
 from pretrain.config import EngineConfig, LossConfig, ModelConfig, OptimConfig, ScheduleConfig
+from pretrain.dist import free_port
 from pretrain.losses import build_loss
 from pretrain.optim import build_optimizer, build_scheduler
 

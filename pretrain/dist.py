@@ -113,13 +113,18 @@ def _export_env(info: RankInfo) -> None:
         os.environ["MASTER_PORT"] = str(_default_port(info))
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now: the rendezvous of a launch on this machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _default_port(info: RankInfo) -> int:
     """A rendezvous port when no launcher chose one: any free port for a lone process (so that several
     runs share a machine), one derived from the job id under `srun` (every rank must compute the same)."""
     if info.world_size == 1:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+        return free_port()
     job = os.environ.get("SLURM_JOB_ID", "")
     return DEFAULT_MASTER_PORT + int(job) % 10000 if job.isdigit() else DEFAULT_MASTER_PORT
 

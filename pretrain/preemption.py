@@ -265,23 +265,35 @@ class Downtime:
 
 
 def downtimes(events: Sequence[Event]) -> list[Downtime]:
-    """One Downtime per interruption that training has resumed from, in order."""
+    """One Downtime per interruption that training has resumed from, in order.
+
+    A signal counts as a graceful stop only when the trainer's ``stop`` (its stop checkpoint) followed
+    it. Slurm also SIGTERMs the batch shell of a job whose node died, and that shell logs the signal;
+    the ranks cannot save then, so the interruption is a failure, counted from the last safe point.
+    """
     out: list[Downtime] = []
     begin: float | None = None
     cause = ""
     last_safe: float | None = None  # last committed checkpoint, or the first job start if none yet
+    signal_at: float | None = None  # first signal of the job run that is going on
+    stopped = False  # the trainer saved on a stop request after that signal
     restart = 0  # of the job run that is going on (from the shell's 'start' events)
     for e in sorted(events, key=lambda e: e.time):
         if e.name in ("checkpoint", "stop"):
             last_safe = e.time
-        elif e.name == "signal" and begin is None:
-            begin, cause = e.time, "signal"
+            stopped = stopped or (e.name == "stop" and signal_at is not None)
+        elif e.name == "signal" and signal_at is None:
+            signal_at = e.time
         elif e.name == "start":
             restart = int(e.fields.get("restart", "0"))
             if last_safe is None:
                 last_safe = e.time
             elif restart > 0 and begin is None:
-                begin, cause = last_safe, "failure"
+                if stopped:
+                    begin, cause = signal_at, "signal"
+                else:
+                    begin, cause = last_safe, "failure"
+            signal_at, stopped = None, False
         elif e.name == "resumed" and begin is not None:
             out.append(Downtime(cause, begin, e.time, restart))
             begin = None

@@ -12,7 +12,6 @@ below.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pretrain.dist import free_port
 from pretrain.model import create_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,12 +82,6 @@ def main() -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_compiled_zero3_engine_with_checkpointing_matches_eager(tmp_path):
     env = {
@@ -99,7 +93,7 @@ def test_compiled_zero3_engine_with_checkpointing_matches_eager(tmp_path):
         "LOCAL_RANK": "0",
         "WORLD_SIZE": "1",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
     }
     proc = subprocess.run(
         [sys.executable, __file__], env=env, cwd=REPO, capture_output=True, text=True, timeout=600

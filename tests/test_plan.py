@@ -12,7 +12,6 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -21,6 +20,7 @@ import torch
 
 from pretrain import plan
 from pretrain.config import EngineConfig, ModelConfig, load_config
+from pretrain.dist import free_port
 from pretrain.model import create_model
 from tests.helpers.launch import CONFIGS, REPO
 
@@ -155,12 +155,6 @@ def measure_engine_bytes() -> dict[str, int]:
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_model_states_match_what_a_real_zero3_engine_allocates():
     env = {
         **os.environ,
@@ -170,7 +164,7 @@ def test_model_states_match_what_a_real_zero3_engine_allocates():
         "LOCAL_RANK": "0",
         "WORLD_SIZE": "1",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
     }
     proc = subprocess.run(
         [sys.executable, __file__, "engine-bytes"],

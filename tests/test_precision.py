@@ -7,12 +7,13 @@ way tests/test_model_zero3.py does: deepspeed is only imported there, never at c
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from pretrain.dist import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"depths": [1, 1, 1, 1, 1], "dims": [16, 16, 32, 64, 128], "head_dim": 16}
@@ -61,12 +62,6 @@ def zero3_bf16_run(save_dir: str) -> None:
     print("BN-FP32-OK")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_batchnorm_statistics_stay_fp32_under_zero3_bf16(tmp_path):
     env = {
         **os.environ,
@@ -77,7 +72,7 @@ def test_batchnorm_statistics_stay_fp32_under_zero3_bf16(tmp_path):
         "LOCAL_RANK": "0",
         "WORLD_SIZE": "1",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
     }
     proc = subprocess.run(
         [sys.executable, __file__, str(tmp_path / "ckpt")],

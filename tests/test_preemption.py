@@ -174,6 +174,20 @@ def test_downtime_of_a_failure_counts_from_last_checkpoint() -> None:
     ]
 
 
+def test_signal_without_a_stop_checkpoint_is_a_failure() -> None:
+    # A dead node: Slurm SIGTERMs the batch shell, which logs the signal, but no rank could save.
+    events = _events(
+        (100.0, "start", {"restart": "0"}),
+        (150.0, "checkpoint", {"step": "100"}),
+        (200.0, "signal", {"sig": "TERM"}),
+        (201.0, "end", {"rc": "143"}),
+        (215.0, "start", {"restart": "1"}),
+        (230.0, "resumed", {"step": "101"}),
+    )
+    (lost,) = downtimes(events)
+    assert (lost.cause, lost.seconds, lost.restart) == ("failure", 80.0, 1)
+
+
 def test_no_downtime_when_the_run_finishes_despite_a_signal() -> None:
     events = _events((0.0, "start", {"restart": "0"}), (5.0, "signal", {}), (6.0, "end", {"rc": "0"}))
     assert downtimes(events) == []

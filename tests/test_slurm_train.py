@@ -287,7 +287,8 @@ def test_dead_node_requeues_and_resumes_from_last_committed_checkpoint(
     assert requeued["Restarts"] == "1" and fields["Restarts"] == "1"
     assert resume_from >= committed and resume_from < max(first_attempt)  # work after it was lost
     events = job.events()
-    assert "signal" not in names(events) and "stop" not in names(events)
+    # Slurm SIGTERMs the batch shell of a job whose node died (launch.sh logs a 'signal'); no rank saved.
+    assert "stop" not in names(events)
     (resumed,) = [int(e.fields["step"]) for e in events if e.name == "resumed"]
     assert resumed == resume_from + 1  # resumed from the last committed checkpoint
 
