@@ -67,10 +67,13 @@ scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/\$/ slots=$NPROC_PER_NODE
 
 # --- Warning signal (#SBATCH --signal=B:USR1@...) -> stop file. Only this shell receives it; the ranks
 # poll the file every few steps, agree on a step, checkpoint, and exit with EXIT_REQUEUE.
-# SIGTERM (preemption, the time limit, `scancel --signal=TERM --full`) reaches every process of the job at
-# once, the ranks too: they save and exit 3, but the launchers in between exit 143/1 whatever the ranks
-# returned, so the requeue decision below also reads the trainer's `stop` event. Trapping TERM keeps this
-# shell alive to make that decision (Slurm SIGKILLs everything KillWait seconds later).
+# SIGTERM to the job's tasks (a preemption with GraceTime, `--signal=TERM@N`, `scancel --signal=TERM`)
+# reaches the launchers and the ranks, not this shell or srun: the ranks save and exit 3, the launchers in
+# between may turn that into 1 or 143, so the requeue decision below also reads the trainer's `stop` event.
+# SIGTERM to the batch step too (a time limit, plain scancel, `--full`) also reaches srun, which answers it
+# with SIGKILL to its tasks at once ("srun: forcing job termination"): nothing can save then, which is why
+# pretrain.sbatch asks for the warning signal ahead of the time limit. Trapping TERM keeps this shell alive
+# long enough to log it (Slurm SIGKILLs everything KillWait seconds later).
 on_warning() {
   event signal "sig=$1"
   touch "$COATNET_STOP_FILE"

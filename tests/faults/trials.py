@@ -320,9 +320,14 @@ def bad_input_one_rank(ctx: Context) -> Result:
 
 
 def slurm_sigterm(ctx: Context) -> Result:
-    """Under cluster/pretrain.sbatch on a local Slurm cluster: SIGTERM to the whole job (batch shell, srun,
-    launchers, ranks: `scancel --signal=TERM --full`, as Slurm signals a job it preempts or times out).
-    The job must save, requeue itself and finish with the reference's losses."""
+    """Under cluster/pretrain.sbatch on a local Slurm cluster: SIGTERM to every task of the job's steps
+    (launchers and ranks: `scancel --signal=TERM`), as Slurm signals a job it preempts with a GraceTime
+    and as `--signal=TERM@N` does. The job must save, requeue itself and finish with the reference's losses.
+
+    Not this trial: SIGTERM to the batch step as well (`--full`, a time limit, plain scancel). srun turns
+    its own SIGTERM into a SIGKILL of its tasks at once ("srun: forcing job termination"), so no trainer
+    can save then; pretrain.sbatch's warning signal (USR1 to the batch shell ahead of the time limit) is
+    the defence, and tests/test_slurm_train.py runs it."""
     import os
     import sys
     import tempfile
@@ -348,11 +353,8 @@ def slurm_sigterm(ctx: Context) -> Result:
     run_dir = root / "train"
     try:
         cluster.start()
-        # A real cluster's KillWait (Slurm's default, 30 s) between SIGTERM and SIGKILL; the local cluster's
-        # 5 s is too short for a stop checkpoint on loaded cores. srun answers SIGTERM by ending the step
-        # after KillWait, so this is the time the ranks have to reach a step, save and exit.
-        cluster.conf.write_text(cluster.conf.read_text().replace("KillWait=5", "KillWait=30"))
-        cluster.run("scontrol", "reconfigure")
+        # The ranks have what the per-node deepspeed launcher gives them: it forwards SIGTERM and SIGKILLs
+        # what is left 30 s later (as Slurm does KillWait seconds after a job-wide SIGTERM).
         env = {
             "PATH": f"{os.environ.get('PATH', '/usr/bin:/bin')}:{Path(sys.executable).parent}",
             "DS_ACCELERATOR": "cpu",
@@ -370,7 +372,7 @@ def slurm_sigterm(ctx: Context) -> Result:
         while logged_step(run_dir) < target and time.monotonic() < deadline:
             time.sleep(0.05)
         at = logged_step(run_dir)
-        cluster.run("scancel", "--signal=TERM", "--full", str(job))
+        cluster.run("scancel", "--signal=TERM", str(job))
         cluster.wait_job(job, lambda f: f.get("Restarts") == "1", 300, "a requeue")
         fields = cluster.wait_finished(job, timeout_s=900)
         events = [line.split()[1] for line in (root / "slurm" / "events.log").read_text().splitlines()]
