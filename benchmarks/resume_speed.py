@@ -31,7 +31,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,6 +39,7 @@ import time
 from pathlib import Path
 
 from data_pipeline.sample_data import write_digits_folder
+from pretrain.dist import free_port
 from pretrain.preemption import EXIT_REQUEUE, STOP_FILE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,12 +62,6 @@ def build_shards(out: Path) -> Path:
     cmd += ["--shard-size", "256", "--val-fraction", "0.2"]
     subprocess.run(cmd, check=True, capture_output=True, timeout=300)
     return shards
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(run_dir: Path, shards: Path, steps: int, stop_file: Path, extra: list[str]) -> subprocess.Popen:

@@ -93,13 +93,6 @@ def check_prerequisites(nodes: int) -> None:
         raise SlurmUnavailable(f"missing {', '.join(missing)}; install with: {APT_INSTALL}")
 
 
-def free_port() -> int:
-    """A TCP port that is free on this machine right now."""
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def _which(name: str) -> str | None:
     # daemons live in /usr/sbin, which is not on every PATH
     return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")

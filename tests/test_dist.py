@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from pretrain import dist
-from pretrain.dist import _first_slurm_host, detect
-from tests.helpers.launch import REPO, free_port
+from pretrain.dist import _first_slurm_host, detect, free_port
+from tests.helpers.launch import REPO
 
 PROBE = Path(__file__).parent / "helpers" / "rank_probe.py"
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.launch import BIN, REPO, free_port, tail
+from pretrain.dist import free_port
+from tests.helpers.launch import BIN, REPO, tail
 
 TEXT_SUFFIXES = {".py", ".md", ".yaml", ".sh", ".sbatch", ".toml"}
 

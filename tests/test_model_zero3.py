@@ -10,12 +10,12 @@ imported there, never at collection time).
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import torch
 
+from pretrain.dist import free_port
 from pretrain.model import create_model, resize_relative_bias_tables
 from tests.helpers.launch import REPO
 
@@ -106,12 +106,6 @@ def main() -> int:
     return 0
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_model_under_zero3_init_and_engine(tmp_path):
     env = {
         **os.environ,
@@ -122,7 +116,7 @@ def test_model_under_zero3_init_and_engine(tmp_path):
         "LOCAL_RANK": "0",
         "WORLD_SIZE": "1",
         "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
+        "MASTER_PORT": str(free_port()),
     }
     proc = subprocess.run(
         [sys.executable, __file__, str(tmp_path / "ckpt")],

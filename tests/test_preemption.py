@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cluster.local_slurm import free_port
+from pretrain.dist import free_port
 from pretrain.preemption import (
     EXIT_REQUEUE,
     Event,

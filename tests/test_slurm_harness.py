@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local_slurm import ClusterSpec, LocalSlurm, free_port
+from cluster.local_slurm import ClusterSpec, LocalSlurm
+from pretrain.dist import free_port
 from tests.fixtures.slurm import REPO_ROOT, require_slurm
 
 CLUSTER = REPO_ROOT / "cluster"

@@ -24,10 +24,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE, RESOURCE_DOES_NOT_EXIST
 from mlflow.tracking import MlflowClient
 
-from cluster.local_slurm import free_port
 from data_pipeline.manifest import Manifest, ShardInfo, load_manifest, save_manifest
 from data_pipeline.tarindex import read_index
 from pretrain.config import ConfigError, TrackingConfig, load_config, redact_userinfo
+from pretrain.dist import free_port
 from pretrain.metrics import StepMeter
 from pretrain.preemption import EXIT_REQUEUE, STOP_FILE_ENV
 from pretrain.sender import RUN_KEY_TAG

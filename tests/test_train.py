@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cluster.local_slurm import free_port
+from pretrain.dist import free_port
 from tests.helpers.launch import REPO, SMOKE, data_overrides, read_metrics, run_script, run_training, tail
 
 

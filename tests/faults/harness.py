@@ -27,8 +27,8 @@ from pathlib import Path
 
 import psutil
 
-from cluster.local_slurm import free_port
 from pretrain.checkpoint import MANIFEST, TAG_RE, structural_problem, tag_for
+from pretrain.dist import free_port
 from tests.fixtures.training import COMMON, STEPS, K
 from tests.helpers.launch import BIN, REPO, SMOKE, data_overrides
 

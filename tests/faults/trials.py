@@ -332,7 +332,8 @@ def slurm_sigterm(ctx: Context) -> Result:
     import sys
     import tempfile
 
-    from cluster.local_slurm import ClusterSpec, LocalSlurm, SlurmUnavailable, check_prerequisites, free_port
+    from cluster.local_slurm import ClusterSpec, LocalSlurm, SlurmUnavailable, check_prerequisites
+    from pretrain.dist import free_port
     from tests.faults.harness import FAULTS, REPO
     from tests.helpers.launch import SMOKE, data_overrides
 
