@@ -18,8 +18,10 @@ from pathlib import Path
 
 import torch
 
+from pretrain import dist
 from pretrain.config import InitConfig
 from pretrain.model import resize_relative_bias_tables
+from pretrain.model.relative_bias import TABLE_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,32 @@ class LoadReport:
         return json.dumps(asdict(self), indent=1)
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Weights of an export (.safetensors: tensors only, nothing in it can run code)."""
+class Export:
+    """An export (.safetensors: tensors only, nothing in it can run code), read lazily.
+
+    Shapes come from the file's header; a tensor is read from the memory-mapped file when asked for, so
+    a rank holds one tensor at a time instead of the whole model (2.7 GB for CoAtNet-5, 9.8 GB for -7),
+    and a rank that does not need a tensor never reads it.
+    """
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        self._file = safe_open(str(path), framework="pt")
+
+    def names(self) -> set[str]:
+        return set(self._file.keys())
+
+    def shape(self, key: str) -> torch.Size:
+        return torch.Size(self._file.get_slice(key).get_shape())
+
+    def tensor(self, key: str) -> torch.Tensor:
+        return self._file.get_tensor(key)
+
+
+def read_state_dict(path: Path) -> Export:
+    """The export at `path`, checked to be a .safetensors file (a checkpoint folder holds pickles)."""
     if path.is_dir():
         raise ValueError(
             f"init.path: {path} is a folder; initial weights come from an export: "
@@ -58,9 +84,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"init.path: {path} does not exist")
     if path.suffix != ".safetensors":
         raise ValueError(f"init.path: {path} is not a .safetensors export (see coatnet-export)")
-    from safetensors.torch import load_file
-
-    return load_file(str(path))
+    return Export(path)
 
 
 def _full_shape(tensor: torch.Tensor) -> torch.Size:
@@ -78,38 +102,52 @@ def _targets(model: torch.nn.Module) -> dict[str, torch.Size]:
 
 
 def adapt(
-    state_dict: dict[str, torch.Tensor], targets: dict[str, torch.Size], *, reset_head: bool, source: str
+    export: Export, targets: dict[str, torch.Size], *, reset_head: bool, source: str
 ) -> tuple[dict[str, torch.Tensor], LoadReport]:
-    """Drop/resize to fit `targets` (name -> full shape). Pure function: no model, no ranks."""
+    """Decide what to load into a model whose tensors have `targets` (name -> full shape), from the
+    export's header alone, and resize the relative-bias tables whose grid differs (small: heads x
+    (2H-1) x (2W-1)). Returns those resized tables and the report; `report.loaded` names every key to
+    load, read from the export except where the first element holds a resized table."""
     report = LoadReport(source=source)
-    state_dict = dict(state_dict)
-    for key in [k for k in state_dict if k.startswith(HEAD_PREFIX)]:
-        if reset_head or (key in targets and state_dict[key].shape != targets[key]):
-            del state_dict[key]
-    report.reinitialised = sorted(k for k in targets if k.startswith(HEAD_PREFIX) and k not in state_dict)
-    state_dict, report.resized = resize_relative_bias_tables(state_dict, targets)
-    for key, tensor in state_dict.items():
-        if key in targets and tensor.shape != targets[key]:
+    shapes = {key: export.shape(key) for key in export.names()}
+    for key in [k for k in shapes if k.startswith(HEAD_PREFIX)]:
+        if reset_head or (key in targets and shapes[key] != targets[key]):
+            del shapes[key]
+    report.reinitialised = sorted(k for k in targets if k.startswith(HEAD_PREFIX) and k not in shapes)
+    tables = {k: export.tensor(k) for k in shapes if k in targets and k.endswith(TABLE_SUFFIX)}
+    tables = {k: t for k, t in tables.items() if t.shape != targets[k]}
+    resized, report.resized = resize_relative_bias_tables(tables, targets)
+    shapes.update({k: t.shape for k, t in resized.items()})
+    for key, shape in shapes.items():
+        if key in targets and shape != targets[key]:
             raise ValueError(
-                f"init.path: {source}: '{key}' has shape {tuple(tensor.shape)}, the model needs "
-                f"{tuple(targets[key])}"
+                f"init.path: {source}: '{key}' has shape {tuple(shape)}, the model needs {tuple(targets[key])}"
             )
-    report.unexpected = sorted(set(state_dict) - set(targets))
-    report.missing = sorted(set(targets) - set(state_dict) - set(report.reinitialised))
-    report.loaded = sorted(set(state_dict) & set(targets))
-    return {k: state_dict[k] for k in report.loaded}, report
+    report.unexpected = sorted(set(shapes) - set(targets))
+    report.missing = sorted(set(targets) - set(shapes) - set(report.reinitialised))
+    report.loaded = sorted(set(shapes) & set(targets))
+    return resized, report
 
 
 @torch.no_grad()
-def _assign(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Copy into the model one module at a time; under ZeRO-3 only that module's parameters are gathered."""
+def _assign(model: torch.nn.Module, export: Export, keys: set[str], resized: dict[str, torch.Tensor]) -> None:
+    """Copy `keys` into the model one module at a time, reading each tensor from the export when needed.
+
+    Under ZeRO-3 only that module's parameters are gathered, and rank 0 alone reads and writes them:
+    GatheredParameters(modifier_rank=0) broadcasts rank 0's values and re-partitions on exit. Buffers
+    and parameters that are not partitioned are read on every rank.
+    """
     import deepspeed
+
+    reader = dist.rank() == 0
+
+    def value(key: str) -> torch.Tensor:
+        return resized[key] if key in resized else export.tensor(key)
 
     for mod_name, module in model.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
-        params = [(n, p) for n, p in module.named_parameters(recurse=False) if prefix + n in state_dict]
+        params = [(n, p) for n, p in module.named_parameters(recurse=False) if prefix + n in keys]
         partitioned = [p for _, p in params if hasattr(p, "ds_id")]
-        # modifier_rank=0: every rank writes the same values; rank 0's are re-partitioned on exit.
         gather = (
             deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
             if partitioned
@@ -117,19 +155,19 @@ def _assign(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None
         )
         with gather:
             for name, param in params:
-                param.data.copy_(state_dict[prefix + name].to(param.dtype))
+                if reader or not hasattr(param, "ds_id"):
+                    param.data.copy_(value(prefix + name).to(param.dtype))
         for name, buf in module.named_buffers(recurse=False):
-            if prefix + name in state_dict:
-                buf.copy_(state_dict[prefix + name].to(buf.dtype))
+            if prefix + name in keys:
+                buf.copy_(value(prefix + name).to(buf.dtype))
 
 
 def load_initial_weights(model: torch.nn.Module, cfg: InitConfig) -> LoadReport:
     """Load `cfg.path` into `model` (collective under ZeRO-3: every rank calls it)."""
     path = Path(cfg.path)
-    state_dict, report = adapt(
-        read_state_dict(path), _targets(model), reset_head=cfg.reset_head, source=str(path)
-    )
-    _assign(model, state_dict)
+    export = read_state_dict(path)
+    resized, report = adapt(export, _targets(model), reset_head=cfg.reset_head, source=str(path))
+    _assign(model, export, set(report.loaded), resized)
     for line in report.lines():
         log.info(line)
     return report
