@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from data_pipeline.sample_data import write_digits_folder
+from data_pipeline.sample_data import digit_shards
 from pretrain.dist import free_port
 from pretrain.preemption import EXIT_REQUEUE, STOP_FILE_ENV
 
@@ -50,18 +50,6 @@ CHECK_EVERY = 10  # PreemptionHandler's default: the ranks look at the stop file
 # stop checks (a line at a check step would race with that check, which follows it immediately).
 LOG_EVERY = 5
 EXIT_OK = 0
-
-
-def build_shards(out: Path) -> Path:
-    """Digits at 32x32 as webdataset shards (80/20 train/val), through the real build command."""
-    shards = out / "shards"
-    if (shards / "train" / "manifest.json").exists():
-        return shards
-    write_digits_folder(out / "images", image_size=32, label_set="digits")
-    cmd = [str(BIN / "coatnet-data"), "build", str(out / "images"), str(shards)]
-    cmd += ["--shard-size", "256", "--val-fraction", "0.2"]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
-    return shards
 
 
 def launch(run_dir: Path, shards: Path, steps: int, stop_file: Path, extra: list[str]) -> subprocess.Popen:
@@ -241,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"need warmup < stop < steps - settle and stop a multiple of {CHECK_EVERY}")
     out = args.out or Path(tempfile.mkdtemp(prefix="resume-speed-"))
     out.mkdir(parents=True, exist_ok=True)
-    shards = build_shards(out)
+    shards = digit_shards(out)
     runs = out / "runs"
     for name in ("uninterrupted", "resumed"):
         shutil.rmtree(runs / name, ignore_errors=True)  # this script's own previous runs

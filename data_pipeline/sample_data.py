@@ -77,6 +77,19 @@ def write_digits_folder(
     return out
 
 
+def digit_shards(root: str | Path, *, image_size: int = 32, label_set: str = "digits") -> Path:
+    """The digits as webdataset shards: `root/shards/train` (80%) and `root/shards/val` (20%), 256 per
+    shard, through the build that `coatnet-data build` runs; reused when both manifests exist."""
+    from data_pipeline.build import build  # the build reads images with PIL, like this module
+
+    shards = Path(root) / "shards"
+    if all((shards / split / "manifest.json").exists() for split in ("train", "val")):
+        return shards
+    images = write_digits_folder(Path(root) / "images", image_size=image_size, label_set=label_set)
+    build(images, shards, shard_size=256, val_fraction=0.2)
+    return shards
+
+
 def write_digits_list(
     out_dir: str | Path, *, image_size: int = 64, limit: int | None = None, seed: int = 0
 ) -> Path:

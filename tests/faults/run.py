@@ -15,8 +15,8 @@ import sys
 import time
 from pathlib import Path
 
+from data_pipeline.sample_data import digit_shards
 from tests.faults import harness, trials
-from tests.fixtures.training import build_digit_shards
 
 
 def table(results: list[harness.Result]) -> str:
@@ -54,11 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     root = args.root.resolve() / time.strftime("%Y%m%d-%H%M%S")
     root.mkdir(parents=True)
-    shards = (
-        build_digit_shards(args.root.resolve() / "data", image_size=32, label_set="digits")
-        if not (args.root.resolve() / "data" / "shards" / "train" / "manifest.json").exists()
-        else args.root.resolve() / "data" / "shards"
-    )
+    shards = digit_shards(args.root.resolve() / "data", image_size=32, label_set="digits")  # reused if built
     ctx = harness.Context(root=root, shards=shards, reference={})
     print(f"fault trials under {root}; reference run first", flush=True)
     if args.reference:
