@@ -403,11 +403,17 @@ class Trainer:
         """Load the checkpoint chosen at build time (None: a fresh start); see CheckpointManager.select."""
         if self.resume is None:
             return None
+        t0 = time.perf_counter()
         saved = self.checkpoints.load(self.engine, self.resume)
         self.client.load_state_dict(saved, self.engine, where=str(self.resume.ckpt.path))
         self._elapsed_before = self.state.elapsed_s
+        took, epoch = time.perf_counter() - t0, self._epoch()
         log.info(
-            "resumed from %s at step %d (epoch %.2f)", self.resume.ckpt.path, self.state.step, self._epoch()
+            "resumed from %s at step %d (epoch %.2f) in %.1f s",
+            self.resume.ckpt.path,
+            self.state.step,
+            epoch,
+            took,
         )
         return self.resume.ckpt
 

@@ -1,8 +1,9 @@
-"""Real Slurm (2 emulated nodes): the launch path, the warning signal -> requeue path, node failure.
+"""Real Slurm (2 emulated nodes): the sbatch headers and the launch path.
 
 The jobs run the real cluster/pretrain.sbatch with cluster.smoke_job standing in for the trainer (it
 speaks the same protocol: --config + overrides, stop file, EXIT_REQUEUE, event log), so these tests need
-neither the model nor data. Phase 2 runs the same scenarios with pretrain.train.
+neither the model nor data. The warning signal -> requeue path and node failure run with the real
+trainer in tests/test_slurm_train.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from cluster.local_slurm import LocalSlurm
-from pretrain.preemption import EventLog, downtimes
+from pretrain.preemption import EventLog
 from tests.fixtures.slurm import REPO_ROOT
 
 pytestmark = pytest.mark.slurm
@@ -89,62 +90,3 @@ def test_deepspeed_launcher_runs_gloo_all_reduce_across_nodes(
     assert (run_dir / "hostfile").read_text().split("\n")[:2] == ["n1 slots=1", "n2 slots=1"]
     names = [e.name for e in EventLog(run_dir / "events.log").read()]
     assert names == ["start", "checkpoint", "end"]
-
-
-@pytest.mark.multiprocess
-@pytest.mark.slow
-def test_warning_signal_stops_all_ranks_at_one_step_and_requeues(
-    slurm: LocalSlurm, slurm_job_env: dict[str, str], tmp_path: Path
-) -> None:
-    # 300 steps x 50 ms: far from done when the warning arrives right after the first checkpoint
-    job, run_dir = submit_smoke(slurm, slurm_job_env, tmp_path, "steps=300")
-    out = tmp_path / "out"
-    wait_for_file(out / "state.json", timeout_s=120, job_log=tmp_path / "job.out")  # training is under way
-    # what `#SBATCH --signal=B:USR1@180` does before the time limit, without waiting for one
-    slurm.run("scancel", "--batch", "--signal=USR1", str(job))
-    requeued = slurm.wait_job(job, lambda f: f.get("Restarts") == "1", 120, "a requeue")
-    fields = slurm.wait_finished(job, timeout_s=300)
-
-    assert requeued["Restarts"] == "1"
-    assert fields["JobState"] == "COMPLETED", job_log(tmp_path)
-    stop = json.loads((out / "stop-0.json").read_text())
-    assert stop["steps"][0] == stop["steps"][1]  # both ranks stopped at the same step
-    assert stop["steps"][0] % 5 == 0 and stop["reason"].startswith("stop file")
-    result = json.loads((out / "result.json").read_text())
-    assert result["resumed_from"] == stop["steps"][0]  # nothing redone, nothing skipped
-    assert result["restarts"] == 1 and result["final_step"] == 300
-
-    events = EventLog(run_dir / "events.log").read()
-    names = [e.name for e in events if e.name != "checkpoint"]
-    assert names == ["start", "signal", "stop", "end", "requeue", "start", "resumed", "end"]
-    ends = [e.fields["rc"] for e in events if e.name == "end"]
-    assert ends == ["3", "0"]
-    (lost,) = downtimes(events)
-    assert lost.cause == "signal"
-    assert 5 <= lost.seconds < 120  # at least cred_expire (5 s) passes before the requeued job starts
-
-
-@pytest.mark.multiprocess
-@pytest.mark.slow
-def test_dead_node_requeues_job_which_resumes_from_last_checkpoint(
-    slurm: LocalSlurm, slurm_job_env: dict[str, str], tmp_path: Path
-) -> None:
-    job, run_dir = submit_smoke(slurm, slurm_job_env, tmp_path, "steps=300")
-    out = tmp_path / "out"
-    wait_for_file(out / "state.json", timeout_s=120, job_log=tmp_path / "job.out")
-    killed_at = time.monotonic()
-    slurm.kill_node("n2")  # slurmd, its job step and the rank on it die at once, like a power loss
-    requeued = slurm.wait_job(job, lambda f: f.get("Restarts") == "1", 120, "a requeue")
-    requeue_s = time.monotonic() - killed_at
-    saved = json.loads((out / "state.json").read_text())["step"]
-    slurm.start_node("n2")  # the node comes back; ReturnToService=2 makes it usable again
-    fields = slurm.wait_finished(job, timeout_s=300)
-
-    assert requeued["Restarts"] == "1", requeued
-    assert fields["JobState"] == "COMPLETED", job_log(tmp_path)
-    result = json.loads((out / "result.json").read_text())
-    assert result["restarts"] == 1 and result["hosts"] == ["n1", "n2"]
-    assert result["resumed_from"] == saved > 0  # resumed from the last committed checkpoint
-    (lost,) = downtimes(EventLog(run_dir / "events.log").read())
-    assert lost.cause == "failure" and lost.seconds > 0
-    print(f"node failure -> requeue in {requeue_s:.1f} s; time lost {lost.seconds:.1f} s")
