@@ -163,7 +163,10 @@ def losses(run_dir: Path) -> dict[int, float]:
 def check(launch: Launch, expected: int, what: str, log: Path) -> None:
     if launch.rc != expected:
         tail = "\n".join(line for _, line in launch.lines[-40:])
-        raise SystemExit(f"{what}: exit status {launch.rc}, expected {expected} (log {log}):\n{tail}")
+        peaks = ", ".join(f"{label} {rss / GIB:.2f}" for label, rss in sorted(launch.peak.items()))
+        raise SystemExit(
+            f"{what}: exit status {launch.rc}, expected {expected} (log {log}); peak resident GiB: {peaks}\n{tail}"
+        )
 
 
 # ============================================================================================ figures
