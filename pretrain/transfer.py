@@ -73,7 +73,7 @@ class Export:
         return self._file.get_tensor(key)
 
 
-def read_state_dict(path: Path) -> Export:
+def open_export(path: Path) -> Export:
     """The export at `path`, checked to be a .safetensors file (a checkpoint folder holds pickles)."""
     if path.is_dir():
         raise ValueError(
@@ -165,7 +165,7 @@ def _assign(model: torch.nn.Module, export: Export, keys: set[str], resized: dic
 def load_initial_weights(model: torch.nn.Module, cfg: InitConfig) -> LoadReport:
     """Load `cfg.path` into `model` (collective under ZeRO-3: every rank calls it)."""
     path = Path(cfg.path)
-    export = read_state_dict(path)
+    export = open_export(path)
     resized, report = adapt(export, _targets(model), reset_head=cfg.reset_head, source=str(path))
     _assign(model, export, set(report.loaded), resized)
     for line in report.lines():

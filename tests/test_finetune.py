@@ -140,11 +140,11 @@ def export(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_init_refuses_a_checkpoint_folder_and_names_the_export_command(pretrained_export: Path) -> None:
     """Checkpoint folders are pickles; initial weights come from exports (safetensors) only."""
-    from pretrain.transfer import read_state_dict
+    from pretrain.transfer import open_export
 
     folder = pretrained_export.parent / "pre" / "checkpoints"
     with pytest.raises(
         ValueError, match=r"is a folder; initial weights come from an export: run `coatnet-export"
     ):
-        read_state_dict(folder)
-    assert read_state_dict(pretrained_export).names() == set(load_file(str(pretrained_export)))
+        open_export(folder)
+    assert open_export(pretrained_export).names() == set(load_file(str(pretrained_export)))
