@@ -68,6 +68,7 @@ def load_on_ranks(folder: str) -> None:
             checked += 1
     print(f"rank {dist.rank()}: {checked} tensors equal the export", flush=True)
     print("LOAD-OK", flush=True)
+    dist.destroy()  # gloo's threads must stop before the interpreter does (else: abort at exit)
 
 
 @pytest.mark.multiprocess
