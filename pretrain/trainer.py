@@ -121,14 +121,21 @@ class Trainer:
         info = dist.detect()
         _check_inputs(cfg)
         device = dist.init_distributed(info, cfg.engine.timeout_minutes)
-        job = JobContext.from_env()  # stop file and event log of cluster/launch.sh, when under Slurm
-        run_dir = RunDir.open(
-            Path(cfg.run.output_dir) / cfg.run.name, resume=cfg.checkpoint.resume, events_file=job.events_file
-        )
+        run_dir: RunDir | None = None
         try:
+            job = JobContext.from_env()  # stop file and event log of cluster/launch.sh, when under Slurm
+            run_dir = RunDir.open(
+                Path(cfg.run.output_dir) / cfg.run.name,
+                resume=cfg.checkpoint.resume,
+                events_file=job.events_file,
+            )
             return cls._build(cfg, info, device, run_dir, job)
         except BaseException:
-            run_dir.close()  # the lock of a job that never started
+            if run_dir is not None:
+                run_dir.close()  # the lock of a job that never started
+            # A refused job exits with its own status: a gloo process group still alive at interpreter exit
+            # can abort the process (SIGABRT), and the launcher would report that instead.
+            dist.destroy()
             raise
 
     @classmethod
