@@ -116,7 +116,8 @@ def adapt(
     report.reinitialised = sorted(k for k in targets if k.startswith(HEAD_PREFIX) and k not in shapes)
     tables = {k: export.tensor(k) for k in shapes if k in targets and k.endswith(TABLE_SUFFIX)}
     tables = {k: t for k, t in tables.items() if t.shape != targets[k]}
-    resized, report.resized = resize_relative_bias_tables(tables, targets)
+    resized, names = resize_relative_bias_tables(tables, targets)
+    report.resized = sorted(names)  # the export's key order is its writer's, not a promise
     shapes.update({k: t.shape for k, t in resized.items()})
     for key, shape in shapes.items():
         if key in targets and shape != targets[key]:
