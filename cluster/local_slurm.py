@@ -251,6 +251,10 @@ class LocalSlurm:
             )
         return int(result.stdout.strip().split(";")[0])
 
+    def hostnames(self, nodelist: str) -> list[str]:
+        """A Slurm node list (``n[1-2]``) as node names, in order."""
+        return self.run("scontrol", "show", "hostnames", nodelist, timeout=10).stdout.split()
+
     def job(self, job_id: int) -> dict[str, str]:
         """The job's fields from ``scontrol show job`` (JobState, Restarts, NodeList, ExitCode, ...)."""
         out = self.run("scontrol", "-o", "show", "job", str(job_id), timeout=10).stdout

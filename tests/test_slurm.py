@@ -1,4 +1,4 @@
-"""Real Slurm (2 emulated nodes): the sbatch headers and the launch path.
+"""Real Slurm (3 emulated nodes, jobs on 2): the sbatch headers and the launch path.
 
 The jobs run the real cluster/pretrain.sbatch with cluster.smoke_job standing in for the trainer (it
 speaks the same protocol: --config + overrides, stop file, EXIT_REQUEUE, event log), so these tests need
@@ -60,7 +60,7 @@ def test_scheduler_accepts_sbatch_headers(slurm: LocalSlurm, script: str) -> Non
 
 
 def test_cluster_runs_one_task_per_node_with_distinct_hosts(slurm: LocalSlurm, tmp_path: Path) -> None:
-    assert slurm.node_states() == {"n1": "idle", "n2": "idle"}
+    assert slurm.node_states() == {"n1": "idle", "n2": "idle", "n3": "idle"}
     script = tmp_path / "hosts.sbatch"
     # each task reports its hostname and the address its node has on the cluster network
     script.write_text(
