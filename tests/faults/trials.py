@@ -171,6 +171,9 @@ def second_job(ctx: Context) -> Result:
     refused_ok = rc2 == 2 and "pid " in refusal and " on " in refusal
     lines = sum("is in use by a live job" in line for line in second.output().splitlines())
     result.note = f"second job exit {rc2}, {lines} line(s) per-rank: {refusal[:110]!r}; {why}"
+    if rc2 != 2:  # the launcher reports the first rank that failed: show how the ranks ended
+        ended = [line for line in second.output().splitlines() if "exit" in line or "terminate" in line]
+        result.note += f" launcher: {' | '.join(ended[-4:])[:600]!r}"
     result.losses_equal = result.losses_equal and refused_ok
     result.seconds = time.monotonic() - t0
     return result
