@@ -35,7 +35,13 @@ RUN_DIR=${RUN_DIR:-$SLURM_SUBMIT_DIR/runs/slurm-$SLURM_JOB_ID}
 mkdir -p "$RUN_DIR"
 export COATNET_STOP_FILE=$RUN_DIR/STOP COATNET_EVENTS_FILE=$RUN_DIR/events.log
 rm -f "$COATNET_STOP_FILE" # left behind by the run that was preempted: this one must not stop at once
-event() { echo "$(date +%s.%N) $* job=$SLURM_JOB_ID restart=${SLURM_RESTART_COUNT:-0}" >>"$COATNET_EVENTS_FILE"; }
+# Builtins only, no subshell: Slurm signals every process of the batch step, and a SIGTERM that killed a
+# `date` helper left a line without its time (CI, a job whose node died).
+event() {
+  local t=${EPOCHREALTIME/,/.} # bash >= 5; the locale may write a decimal comma
+  [[ -n $t ]] || printf -v t '%(%s)T' -1 # older bash: whole seconds
+  printf '%s %s job=%s restart=%s\n' "$t" "$*" "$SLURM_JOB_ID" "${SLURM_RESTART_COUNT:-0}" >>"$COATNET_EVENTS_FILE"
+}
 event start "nodes=$SLURM_JOB_NODELIST"
 EVENTS_AT_START=$(wc -l <"$COATNET_EVENTS_FILE") # this job run's events are the lines after these
 

@@ -31,6 +31,7 @@ to each interruption can be measured (``downtimes``) and logged.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -40,6 +41,8 @@ from pathlib import Path
 from types import FrameType
 
 from pretrain import dist
+
+log = logging.getLogger(__name__)
 
 # Exit status meaning "a checkpoint was saved because a stop was requested: requeue me".
 # cluster/launch.sh mirrors this value; keep them equal.
@@ -215,14 +218,20 @@ class EventLog:
             f.write(" ".join(parts) + "\n")
 
     def read(self) -> list[Event]:
-        """All events in file order; [] when there is no file yet."""
+        """All events in file order; [] when there is no file yet. A line that does not parse (a writer
+        killed mid-line) is skipped with a warning naming file and line: the log is bookkeeping, and a
+        resume must not fail over it."""
         if not self.path.exists():
             return []
-        return [
-            _parse_event(self.path, n, line)
-            for n, line in enumerate(self.path.read_text().splitlines(), 1)
-            if line.strip()
-        ]
+        events = []
+        for n, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                events.append(_parse_event(self.path, n, line))
+            except ValueError as exc:
+                log.warning("skipping an event: %s", exc)
+        return events
 
 
 def _one_word(key: str, value: object) -> str:

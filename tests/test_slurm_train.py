@@ -281,8 +281,7 @@ def test_dead_node_requeues_and_resumes_from_last_committed_checkpoint(
     requeue_s = time.monotonic() - killed_at
     resume_from = job.committed_step()
     first_attempt = {m["step"]: m["loss"] for m in job.metric_lines()}
-    # The dead node stays down: the requeued job runs on the spare, as on a cluster that has one. (A node
-    # restarted under a requeued job can get Slurm's delayed kill of the first instance's step.)
+    # The dead node stays down: the requeued job runs on the spare, as on a cluster that has one.
     fields = job.wait_finished()
     assert other not in slurm.hostnames(fields["NodeList"]), fields["NodeList"]
 
