@@ -150,4 +150,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from pretrain import dist
+
+    dist.run_and_exit(main)

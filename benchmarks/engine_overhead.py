@@ -285,9 +285,8 @@ def launch(args: argparse.Namespace, role: str, threads: int, workdir: Path) -> 
         sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-8000:])
         raise RuntimeError(f"{role} with {threads} thread(s) failed (exit {proc.returncode}); output above")
     if proc.returncode != 0:
-        # The result is written (atomically) only after every rank finished timing; a rank that aborts
-        # afterwards, in gloo's teardown, is a known rare event here (about 1 in 30 runs:
-        # `terminate called without an active exception`).
+        # The result is written (atomically) only after every rank finished timing; what fails afterwards
+        # (teardown; `dist.run_and_exit` removed the gloo abort this tolerated) cannot change it.
         print(f"note: {role} exited {proc.returncode} after writing its result (teardown); result kept")
     return json.loads(out.read_text())
 
@@ -447,4 +446,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from pretrain import dist
+
+    dist.run_and_exit(main)

@@ -19,14 +19,19 @@ or the same error, so no rank waits in a collective for a rank that already fail
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import datetime
+import logging
 import os
 import socket
+import sys
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import torch
 import torch.distributed as _dist
@@ -340,3 +345,41 @@ def barrier() -> None:
 def destroy() -> None:
     if is_initialized():
         _dist.destroy_process_group()
+
+
+def run_and_exit(main: Callable[[], int | None]) -> NoReturn:
+    """The `__main__` of a process that may have run collectives: run `main`, then leave without finalization.
+
+    `destroy_process_group` does not join gloo's worker threads, and such a thread can still hold the last
+    reference to a finished collective's tensors when the interpreter finalizes; dropping it needs the GIL,
+    which a finalizing interpreter never hands out, so the thread exits inside a destructor and
+    std::terminate aborts the process: SIGABRT after a run that had completed and committed everything
+    (about 1 run in 7 of tests/test_transfer.py's script here; the core's stack reads
+    ProcessGroupGloo::runLoop -> ~AsyncAllgatherWork -> decref_pyobject -> take_gil -> pthread_exit). The
+    launcher then reports a failure and Slurm requeues a finished job. So the exit status is `main`'s:
+    exceptions print their traceback (status 1), `SystemExit` keeps its code, exit handlers run and every
+    stream is flushed, and only the interpreter's teardown, where the race lives, is skipped (`os._exit`).
+    Never call this from code that a test imports and runs in-process.
+    """
+    try:
+        status = main()
+    except SystemExit as exc:
+        code = exc.code
+        if code is not None and not isinstance(code, int):
+            print(code, file=sys.stderr)  # sys.exit("message") prints it and exits 1
+            code = 1
+        status = code
+    except KeyboardInterrupt:
+        traceback.print_exc()
+        status = 130
+    except BaseException:
+        traceback.print_exc()
+        status = 1
+    try:
+        atexit._run_exitfuncs()  # mlflow, logging and tempfile cleanup registered here still run
+        logging.shutdown()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a closed pipe: nothing left to say
+                stream.flush()
+        os._exit(int(status or 0))

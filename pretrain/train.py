@@ -92,5 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         trainer.close(outcome)
 
 
+def cli() -> None:
+    """`coatnet-train` and `python -m pretrain.train`: `main`, then an exit that gloo's threads cannot abort."""
+    from pretrain import dist
+
+    dist.run_and_exit(main)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    cli()

@@ -124,3 +124,41 @@ def test_stale_shared_memory_segments_are_removed(tmp_path: Path, monkeypatch: p
     os.utime(other_user, (0, 0))
     assert dist.remove_stale_shm() == [old]
     assert fresh.exists() and other_user.exists() and not old.exists()
+
+
+EXIT_PROBE = """
+import atexit, sys
+from pretrain import dist
+atexit.register(lambda: print("exit handler ran", flush=True))
+def main():
+    sys.stdout.write("unflushed line")  # no newline, no flush: run_and_exit must flush it
+    case = sys.argv[1]
+    if case == "raise":
+        raise RuntimeError("boom")
+    if case == "sysexit":
+        sys.exit(4)
+    if case == "message":
+        sys.exit("a message")
+    return 3
+dist.run_and_exit(main)
+"""
+
+
+@pytest.mark.parametrize(
+    ("case", "status", "in_stderr"),
+    [("return", 3, ""), ("raise", 1, "RuntimeError: boom"), ("sysexit", 4, ""), ("message", 1, "a message")],
+)
+def test_run_and_exit_keeps_the_status_flushes_and_runs_exit_handlers(
+    case: str, status: int, in_stderr: str
+) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", EXIT_PROBE, case],
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == status, proc.stderr
+    assert proc.stdout.startswith("unflushed line") and "exit handler ran" in proc.stdout, proc.stdout
+    assert in_stderr in proc.stderr

@@ -104,4 +104,6 @@ def test_compiled_zero3_engine_with_checkpointing_matches_eager(tmp_path):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pretrain import dist
+
+    dist.run_and_exit(main)

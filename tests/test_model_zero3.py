@@ -130,4 +130,6 @@ def test_model_under_zero3_init_and_engine(tmp_path):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pretrain import dist
+
+    dist.run_and_exit(main)

@@ -357,7 +357,12 @@ def test_cli_help():
     assert proc.returncode == 0 and "--gpu-memory" in proc.stdout and "--mfu" in proc.stdout
 
 
-if __name__ == "__main__":
+def _probe_main() -> None:
     assert sys.argv[1:] == ["engine-bytes"], sys.argv
     print(json.dumps(measure_engine_bytes()))
-    sys.exit(0)
+
+
+if __name__ == "__main__":
+    from pretrain import dist
+
+    dist.run_and_exit(_probe_main)

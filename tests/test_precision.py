@@ -124,4 +124,6 @@ def test_determinism_switch_sets_torch_flags():
 
 
 if __name__ == "__main__":
-    zero3_bf16_run(sys.argv[1])
+    from pretrain import dist
+
+    dist.run_and_exit(lambda: zero3_bf16_run(sys.argv[1]))

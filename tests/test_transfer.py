@@ -68,7 +68,7 @@ def load_on_ranks(folder: str) -> None:
             checked += 1
     print(f"rank {dist.rank()}: {checked} tensors equal the export", flush=True)
     print("LOAD-OK", flush=True)
-    dist.destroy()  # gloo's threads must stop before the interpreter does (else: abort at exit)
+    dist.destroy()
 
 
 @pytest.mark.multiprocess
@@ -79,4 +79,6 @@ def test_initial_weights_reach_every_zero3_partition_on_two_ranks(tmp_path: Path
 
 
 if __name__ == "__main__":
-    load_on_ranks(sys.argv[1])
+    from pretrain import dist
+
+    dist.run_and_exit(lambda: load_on_ranks(sys.argv[1]))
