@@ -9,6 +9,7 @@ other trial, with the table) is `make faults` (python -m tests.faults.run).
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,11 +21,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.multiprocess, pytest.mark.timeout(12
 
 
 @pytest.fixture(scope="module")
-def ctx(tmp_path_factory: pytest.TempPathFactory, digits_shards: Path) -> harness.Context:
+def ctx(
+    tmp_path_factory: pytest.TempPathFactory, digits_shards: Path, reference_run: Path
+) -> harness.Context:
+    """The trials' reference is the checkpoint tests' uninterrupted run (tests/fixtures/training.py): the
+    same schedule and batches; torchrun instead of the deepspeed launcher and no evaluation change no loss
+    (`make faults` trains its own reference with the trials' exact command)."""
     root = tmp_path_factory.mktemp("faults")
-    return harness.Context(
-        root=root, shards=digits_shards, reference=harness.make_reference(root, digits_shards)
-    )
+    shutil.copytree(reference_run, root / "reference", ignore=shutil.ignore_patterns("LOCK"))
+    return harness.Context(root=root, shards=digits_shards, reference=harness.reference_losses(reference_run))
 
 
 def check(result: harness.Result) -> None:
