@@ -24,6 +24,22 @@ convention of ``pretrain.metrics``; checkpointing's recompute is part of what MF
 step time = images per GPU per step x 6 x MACs / (peak x MFU). Communication: ZeRO-3 moves about 3 x the
 bf16 parameter bytes per micro-step per rank (all-gather in forward, all-gather in backward,
 reduce-scatter of gradients), times (W - 1) / W on a ring.
+
+What can starve the GPUs, budgeted against that step time (``Budgets``; a line starting "WARNING" when it
+does not fit):
+
+- JPEG decoding per GPU. The step consumes ``images/s / W`` per GPU. DALI sends ``data.hw_decoder_load`` of
+  the JPEGs to the GPU's hardware decoders (NVJPG engines: ``NVJPG_ENGINES``), which decode about
+  ``NVJPG_IMAGES_S`` ImageNet-sized images per second per engine; the rest need CPU work (the whole decode
+  on DALI's CPU backend, the Huffman stage in nvJPEG's hybrid path), costed at a full CPU decode
+  (``CPU_DECODE_MPIX_S`` megapixels per second per core, measured here), an upper bound. Decode time
+  scales with the source JPEG's pixels (``--jpeg-megapixels``), not with the training resolution.
+- The checkpoint write: each rank writes its fp32 master + Adam shard (12 B/param / W; + 4 B/param / W
+  with an EMA), at the slower of the filesystem's aggregate bandwidth and each node's own, divided by
+  the commit protocol's efficiency (``SAVE_EFFICIENCY``, benchmarks/checkpoint_speed.py). That save must
+  fit in the Slurm warning lead (``#SBATCH --signal=...@N`` of cluster/pretrain.sbatch) after the stop
+  request's latency (``run.stop_check_s`` + ``run.log_every`` steps), and the periodic saves
+  (``checkpoint.every_steps``) cost the share of the run they block.
 """
 
 from __future__ import annotations
@@ -55,6 +71,28 @@ MASTER_AND_ADAM = 3 * FP32
 DS_SUB_GROUP_SIZE = 1_000_000_000
 GIB = 2**30
 
+# Hardware JPEG decoders per GPU, from NVIDIA's architecture whitepapers: A100's NVJPG has 5 cores, GH100
+# (H100, H200) 7 NVJPG engines; V100 and most others have none. --jpeg-engines covers other GPUs.
+NVJPG_ENGINES = {"a100": 5, "h100": 7, "h200": 7, "none": 0}
+# Images of ImageNet-1k's mean size (~0.18 MP) one NVJPG engine decodes per second: A100 decodes about
+# 5000/s with every JPEG on its 5-core hardware decoder (NVIDIA's A100 decoding blog, as quoted in DALI
+# issue 5362). An estimate; hardware decode time also scales with pixels.
+NVJPG_IMAGES_S = 1000.0
+IMAGENET_MEGAPIXELS = 0.18
+# Megapixels per second one CPU core decodes, random-resized-crops and flips with DALI's CPU backend:
+# 670-780 images/s of 256x256 JPEGs per thread on this project's 2-core machines
+# (../shared/notes/platform.md), i.e. about 47 MP/s. Server cores are faster; a conservative figure.
+CPU_DECODE_MPIX_S = 47.0
+# CPU cores per GPU a node has when --cpus-per-node is not given: DGX H100/H200 (112 cores, 8 GPUs).
+DEFAULT_CORES_PER_GPU = 14
+# A committed save (write, fsync, per-file SHA-256, manifest) runs at about half a plain write + fsync
+# of the same bytes (benchmarks/checkpoint_speed.py: 0.51).
+SAVE_EFFICIENCY = 0.5
+# The warning lead of cluster/pretrain.sbatch (#SBATCH --signal=B:USR1@N), read from that file when the
+# checkout has it; this value otherwise.
+SBATCH = Path(__file__).resolve().parents[1] / "cluster" / "pretrain.sbatch"
+DEFAULT_WARNING_LEAD_S = 180
+
 
 # ---------------------------------------------------------------------------------------------- inputs
 
@@ -80,6 +118,15 @@ class Cluster:
     mfu: float  # assumed model-FLOPs utilisation, 0..1
     link_gbytes: float  # per-GPU network bandwidth, GB/s, for the communication time
     reserve: int  # bytes per GPU outside the model: CUDA context, NCCL/cuBLAS buffers, fragmentation
+    jpeg_engines: int = NVJPG_ENGINES["h100"]  # hardware JPEG decoders per GPU
+    cpus_per_node: int = 0  # 0: DEFAULT_CORES_PER_GPU per GPU
+    fs_gbytes: float = 20.0  # the checkpoint filesystem's aggregate write bandwidth, GB/s
+    node_write_gbytes: float = 5.0  # what one node can write to it, GB/s
+    warning_lead_s: float = DEFAULT_WARNING_LEAD_S  # Slurm's warning signal before the time limit
+
+    @property
+    def cores_per_gpu(self) -> float:
+        return (self.cpus_per_node or DEFAULT_CORES_PER_GPU * self.gpus_per_node) / self.gpus_per_node
 
     @property
     def world_size(self) -> int:
@@ -391,6 +438,114 @@ class Plan:
     comm_bytes_per_step: int  # per rank
     comm_seconds: float
     total_steps: int | None  # schedule.steps, or schedule.epochs x --train-images / global batch
+    budgets: Budgets | None = None  # decode and checkpoint write against the step (None: not computed)
+
+
+@dataclass
+class Budgets:
+    """What can starve the GPUs, against the planned step time (see the module docstring)."""
+
+    images_s_per_gpu: float  # what the step consumes
+    jpeg_megapixels: float
+    hw_decoder_load: float  # data.hw_decoder_load: the share DALI sends to the hardware decoders
+    hw_capacity: float  # images/s the GPU's hardware decoders can take
+    cpu_images_s: float  # images/s per GPU that need CPU work
+    cores_needed: float  # per GPU, for cpu_images_s
+    cores_free: float  # per GPU, one left for the training process
+    save_bytes_per_rank: int
+    save_bytes: int  # the whole checkpoint
+    save_seconds: float
+    stop_latency_s: float  # from the warning signal to the save's start: stop-file poll + log_every steps
+    warning_lead_s: float
+    save_share: float  # of the run's time, blocked by periodic saves (0: none configured)
+
+    @property
+    def hw_oversubscribed(self) -> bool:
+        """The configured share sends the hardware decoders more than they can decode."""
+        return self.hw_decoder_load * self.images_s_per_gpu > self.hw_capacity
+
+    @property
+    def decode_fits(self) -> bool:
+        return self.cores_needed <= self.cores_free and not self.hw_oversubscribed
+
+    @property
+    def stop_fits(self) -> bool:
+        return self.stop_latency_s + self.save_seconds <= self.warning_lead_s
+
+    def warnings(self) -> list[str]:
+        out = []
+        if self.hw_oversubscribed:
+            share = self.hw_capacity / self.images_s_per_gpu
+            out.append(
+                f"WARNING: data.hw_decoder_load={self.hw_decoder_load:g} sends "
+                f"{self.hw_decoder_load * self.images_s_per_gpu:.0f} JPEGs/s per GPU to hardware decoders "
+                f"that take about {self.hw_capacity:.0f}: the GPUs wait for data; set "
+                f"data.hw_decoder_load={share:.2f} or lower"
+            )
+        if self.cores_needed > self.cores_free:
+            out.append(
+                f"WARNING: decoding needs {self.cores_needed:.1f} CPU cores per GPU beside the hardware "
+                f"decoders and the node has {self.cores_free:.1f} free per GPU: the GPUs wait for data "
+                "(shards of smaller JPEGs, GPUs with hardware decoders, or more CPU cores per GPU)"
+            )
+        if not self.stop_fits:
+            out.append(
+                f"WARNING: after Slurm's warning signal the job needs {self.stop_latency_s:.0f} s to stop "
+                f"and {self.save_seconds:.0f} s to save, more than the {self.warning_lead_s:.0f} s lead: "
+                "the time limit kills the save (raise --signal's lead in cluster/pretrain.sbatch, or lower "
+                "run.log_every)"
+            )
+        return out
+
+
+def warning_lead(sbatch: Path = SBATCH) -> float:
+    """Seconds of Slurm's warning signal before the time limit in `sbatch` (its #SBATCH --signal=...@N)."""
+    try:
+        text = sbatch.read_text()
+    except OSError:
+        return DEFAULT_WARNING_LEAD_S
+    match = re.search(r"^#SBATCH\s+--signal=\S*@(\d+)", text, flags=re.MULTILINE)
+    return float(match.group(1)) if match else DEFAULT_WARNING_LEAD_S
+
+
+def budgets(
+    cfg: TrainConfig,
+    cluster: Cluster,
+    params: int,
+    step_seconds: float,
+    images_s: float,
+    jpeg_megapixels: float = IMAGENET_MEGAPIXELS,
+) -> Budgets:
+    """Decode and checkpoint-write budgets of `cfg` on `cluster` at the planned step time, for source
+    JPEGs of `jpeg_megapixels` on average."""
+    world = cluster.world_size
+    per_gpu = images_s / world
+    hw_capacity = cluster.jpeg_engines * NVJPG_IMAGES_S * IMAGENET_MEGAPIXELS / jpeg_megapixels
+    share = cfg.data.hw_decoder_load if cluster.jpeg_engines else 0.0
+    cpu_images = per_gpu - min(share * per_gpu, hw_capacity)
+    shard = math.ceil(params / world)
+    per_rank = (MASTER_AND_ADAM + (FP32 if cfg.ema.decay > 0 else 0)) * shard
+    write = max(
+        per_rank * world / (cluster.fs_gbytes * 1e9),
+        per_rank * cluster.gpus_per_node / (cluster.node_write_gbytes * 1e9),
+    )
+    save_seconds = write / SAVE_EFFICIENCY
+    every = cfg.checkpoint.every_steps
+    return Budgets(
+        images_s_per_gpu=per_gpu,
+        jpeg_megapixels=jpeg_megapixels,
+        hw_decoder_load=share,
+        hw_capacity=hw_capacity,
+        cpu_images_s=cpu_images,
+        cores_needed=cpu_images * jpeg_megapixels / CPU_DECODE_MPIX_S,
+        cores_free=max(cluster.cores_per_gpu - 1, 0.0),
+        save_bytes_per_rank=per_rank,
+        save_bytes=per_rank * world,
+        save_seconds=save_seconds,
+        stop_latency_s=cfg.run.stop_check_s + cfg.run.log_every * step_seconds,
+        warning_lead_s=cluster.warning_lead_s,
+        save_share=save_seconds / (save_seconds + every * step_seconds) if every else 0.0,
+    )
 
 
 def _usable(global_batch: int, world: int, fitting: int) -> int:
@@ -407,10 +562,12 @@ def make_plan(
     config_name: str = "",
     num_classes: int | None = None,
     train_images: int | None = None,
+    jpeg_megapixels: float = IMAGENET_MEGAPIXELS,
 ) -> Plan:
-    """Profile the configured model and lay out memory, speed and traffic on ``cluster``.
+    """Profile the configured model and lay out memory, speed, traffic and budgets on ``cluster``.
 
-    ``train_images`` (the corpus size) turns an epoch-based schedule into a number of steps.
+    ``train_images`` (the corpus size) turns an epoch-based schedule into a number of steps;
+    ``jpeg_megapixels`` is the source JPEGs' mean size, for the decode budget.
     """
     classes = num_classes or cfg.model.num_classes
     if classes is None:
@@ -448,6 +605,9 @@ def make_plan(
         comm_bytes_per_step=comm,
         comm_seconds=comm / (cluster.link_gbytes * 1e9),
         total_steps=_total_steps(cfg, global_batch, train_images),
+        budgets=budgets(
+            cfg, cluster, profile.params, step_seconds, global_batch / step_seconds, jpeg_megapixels
+        ),
     )
 
 
@@ -521,7 +681,29 @@ def format_plan(plan: Plan) -> str:
     if plan.total_steps is not None:
         days = plan.total_steps * max(plan.step_seconds, plan.comm_seconds) / 86400
         lines.append(f"  whole run                    {plan.total_steps:10d} steps   ({days:.1f} days)")
+    if plan.budgets is not None:
+        lines += ["", *format_budgets(plan.budgets, c)]
     return "\n".join(lines)
+
+
+def format_budgets(b: Budgets, c: Cluster) -> list[str]:
+    lines = [
+        f"JPEG decoding per GPU (source JPEGs of {b.jpeg_megapixels:g} MP on average)",
+        f"  images/s the step consumes   {b.images_s_per_gpu:10.0f}",
+        f"  hardware decoders            {b.hw_capacity:10.0f} images/s   ({c.jpeg_engines} NVJPG engines; "
+        f"data.hw_decoder_load={b.hw_decoder_load:g} sends them {b.hw_decoder_load * b.images_s_per_gpu:.0f})",
+        f"  CPU cores for the rest       {b.cores_needed:10.1f}   ({b.cpu_images_s:.0f} images/s; "
+        f"{b.cores_free:.1f} free per GPU: {'fits' if b.decode_fits else 'DOES NOT FIT'})",
+        "checkpoint",
+        f"  per rank / whole             {_gib(b.save_bytes_per_rank)} / {b.save_bytes / GIB:.1f} GiB   "
+        "(fp32 master + Adam m, v + EMA when on)",
+        f"  save                         {b.save_seconds:10.1f} s   ({c.fs_gbytes:g} GB/s filesystem, "
+        f"{c.node_write_gbytes:g} GB/s per node, commit at {SAVE_EFFICIENCY:g} of a plain write)",
+        f"  periodic saves block         {b.save_share:10.1%}   of the run",
+        f"  stop + save after warning    {b.stop_latency_s + b.save_seconds:10.1f} s   "
+        f"(of Slurm's {b.warning_lead_s:.0f} s lead: {'fits' if b.stop_fits else 'DOES NOT FIT'})",
+    ]
+    return lines + b.warnings()
 
 
 def _row(label: str, values: dict[bool, object], fmt) -> str:
@@ -553,6 +735,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="network GB/s per GPU (default 50: 400 Gb/s InfiniBand)",
     )
     parser.add_argument("--reserve", default="4GiB", help="per-GPU memory outside the model (default 4GiB)")
+    parser.add_argument(
+        "--gpu-model",
+        choices=sorted(NVJPG_ENGINES),
+        default="h100",
+        help="sets the hardware JPEG decoders per GPU (a100: 5, h100/h200: 7, none: 0; default h100)",
+    )
+    parser.add_argument(
+        "--jpeg-engines", type=int, help="hardware JPEG decoders per GPU (overrides --gpu-model)"
+    )
+    parser.add_argument(
+        "--jpeg-megapixels",
+        type=float,
+        default=IMAGENET_MEGAPIXELS,
+        help=f"mean size of the source JPEGs in the shards (default {IMAGENET_MEGAPIXELS}: ImageNet-1k's)",
+    )
+    parser.add_argument(
+        "--cpus-per-node",
+        type=int,
+        default=0,
+        help=f"CPU cores per node (default {DEFAULT_CORES_PER_GPU} per GPU, a DGX H100's)",
+    )
+    parser.add_argument(
+        "--fs-gbytes",
+        type=float,
+        default=20.0,
+        help="checkpoint filesystem's aggregate write GB/s (default 20)",
+    )
+    parser.add_argument(
+        "--node-write-gbytes", type=float, default=5.0, help="write GB/s one node reaches (default 5)"
+    )
+    parser.add_argument(
+        "--warning-lead",
+        type=float,
+        help="seconds of Slurm's warning signal before the time limit (default: the --signal=...@N of "
+        f"cluster/pretrain.sbatch, else {DEFAULT_WARNING_LEAD_S})",
+    )
     parser.add_argument("--num-classes", type=int, help="classifier size when the config leaves it null")
     parser.add_argument(
         "--train-images", type=int, help="training images per epoch: adds the whole run's steps and days"
@@ -570,6 +788,11 @@ def _cluster(args: argparse.Namespace, cfg: TrainConfig) -> Cluster:
     peak = args.peak_tflops if args.peak_tflops is not None else cfg.engine.peak_tflops
     if peak <= 0:
         raise ValueError("--peak-tflops must be positive (the config's engine.peak_tflops is 0)")
+    for name in ("jpeg_megapixels", "fs_gbytes", "node_write_gbytes"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive")
+    if (args.jpeg_engines or 0) < 0 or args.cpus_per_node < 0:
+        raise ValueError("--jpeg-engines and --cpus-per-node cannot be negative")
     return Cluster(
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
@@ -578,6 +801,11 @@ def _cluster(args: argparse.Namespace, cfg: TrainConfig) -> Cluster:
         mfu=args.mfu,
         link_gbytes=args.link_gbytes,
         reserve=parse_memory(args.reserve),
+        jpeg_engines=NVJPG_ENGINES[args.gpu_model] if args.jpeg_engines is None else args.jpeg_engines,
+        cpus_per_node=args.cpus_per_node,
+        fs_gbytes=args.fs_gbytes,
+        node_write_gbytes=args.node_write_gbytes,
+        warning_lead_s=warning_lead() if args.warning_lead is None else args.warning_lead,
     )
 
 
@@ -587,7 +815,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         plan = make_plan(
-            cfg, _cluster(args, cfg), Path(args.config).name, args.num_classes, args.train_images
+            cfg,
+            _cluster(args, cfg),
+            Path(args.config).name,
+            args.num_classes,
+            args.train_images,
+            args.jpeg_megapixels,
         )
     except (ConfigError, ValueError) as err:
         print(f"coatnet-plan: error: {err}", file=sys.stderr)

@@ -304,6 +304,61 @@ def test_speed_and_traffic_follow_macs_peak_and_mfu(c7_plan):
     assert sized.total_steps == round(14 * 300_000_000 / 4096)
 
 
+# ---------------------------------------------------------------------------------------------- budgets
+
+
+def test_decode_budget_splits_hardware_and_cpu_work_and_warns_when_either_is_short():
+    cfg = load_config(CONFIGS / "coatnet7_jft.yaml")
+    world = H100.world_size
+    b = plan.budgets(cfg, H100, 10**9, step_seconds=1.0, images_s=100.0 * world)
+    assert b.images_s_per_gpu == pytest.approx(100) and b.hw_capacity == pytest.approx(7000)
+    assert b.cpu_images_s == pytest.approx(100 * (1 - cfg.data.hw_decoder_load))  # the share DALI keeps off
+    assert b.cores_needed == pytest.approx(b.cpu_images_s * 0.18 / plan.CPU_DECODE_MPIX_S)
+    assert b.decode_fits and not b.warnings()
+
+    # No hardware decoder, fast steps: every JPEG is CPU work, more than 13 free cores per GPU can do.
+    bare = plan.Cluster(**{**vars(H100), "jpeg_engines": 0})
+    b = plan.budgets(cfg, bare, 10**9, step_seconds=1.0, images_s=5000.0 * world)
+    assert b.cpu_images_s == pytest.approx(5000) and b.cores_free == 13
+    assert not b.decode_fits and "CPU cores per GPU" in " ".join(b.warnings())
+    # Larger source JPEGs cost proportionally more.
+    big = plan.budgets(cfg, bare, 10**9, 1.0, 5000.0 * world, jpeg_megapixels=0.36)
+    assert big.cores_needed == pytest.approx(2 * b.cores_needed)
+
+    # Hardware decoders sent more than they decode: the warning names the share that would fit.
+    b = plan.budgets(cfg, H100, 10**9, step_seconds=1.0, images_s=20000.0 * world)
+    assert b.hw_oversubscribed and not b.decode_fits
+    assert f"data.hw_decoder_load={7000 / 20000:.2f}" in " ".join(b.warnings())
+
+
+def test_checkpoint_budget_is_the_shard_bytes_at_the_slower_bandwidth_against_the_warning_lead():
+    cfg = load_config(CONFIGS / "coatnet7_jft.yaml", ["ema.decay=0", "checkpoint.every_steps=100"])
+    params, world = 2_500_000_000, H100.world_size
+    b = plan.budgets(cfg, H100, params, step_seconds=2.0, images_s=1000.0)
+    shard = -(-params // world)
+    assert b.save_bytes_per_rank == 12 * shard and b.save_bytes == 12 * shard * world
+    node_bound = 12 * shard * 8 / 5e9  # 8 ranks per node at 5 GB/s beats 64 ranks at 20 GB/s
+    assert b.save_seconds == pytest.approx(max(node_bound, 12 * shard * world / 20e9) / plan.SAVE_EFFICIENCY)
+    assert b.save_share == pytest.approx(b.save_seconds / (b.save_seconds + 100 * 2.0))
+    assert b.stop_latency_s == pytest.approx(cfg.run.stop_check_s + cfg.run.log_every * 2.0)
+    with_ema = plan.budgets(
+        load_config(CONFIGS / "coatnet7_jft.yaml", ["ema.decay=0.9999"]), H100, params, 2, 1
+    )
+    assert with_ema.save_bytes_per_rank == 16 * shard
+
+    short = plan.Cluster(**{**vars(H100), "warning_lead_s": 30.0})
+    b = plan.budgets(cfg, short, params, step_seconds=2.0, images_s=1000.0)
+    assert not b.stop_fits and "more than the 30 s lead" in " ".join(b.warnings())
+
+
+def test_warning_lead_is_read_from_the_sbatch_file(tmp_path):
+    assert plan.warning_lead() == 180  # cluster/pretrain.sbatch: #SBATCH --signal=B:USR1@180
+    script = tmp_path / "job.sbatch"
+    script.write_text("#!/bin/bash\n#SBATCH --time=4:00:00\n#SBATCH --signal=B:USR1@600\n")
+    assert plan.warning_lead(script) == 600
+    assert plan.warning_lead(tmp_path / "missing.sbatch") == plan.DEFAULT_WARNING_LEAD_S
+
+
 # ---------------------------------------------------------------------------------------------- command line
 
 
@@ -313,7 +368,8 @@ def test_cli_prints_the_plan(capsys):
     out = capsys.readouterr().out
     assert code == 0
     for text in ("2 ranks", "fp32 master + Adam m, v", "DeepSpeed's estimator", "largest micro-batch",
-                 "step time", "ZeRO-3 traffic per rank"):  # fmt: skip
+                 "step time", "ZeRO-3 traffic per rank", "JPEG decoding per GPU", "CPU cores for the rest",
+                 "stop + save after warning", "of Slurm's 180 s lead"):  # fmt: skip
         assert text in out, text
 
 
@@ -322,6 +378,10 @@ def test_cli_prints_the_plan(capsys):
     [
         (["--gpu-memory", "80"], "expected a number and a unit"),
         (["--gpu-memory", "80GiB", "--mfu", "1.5"], "--mfu must be in"),
+        (
+            ["--gpu-memory", "80GiB", "--fs-gbytes", "0", "model.num_classes=10"],
+            "--fs-gbytes must be positive",
+        ),
         (["--gpu-memory", "80GiB"], "model.num_classes is null"),
         (["--gpu-memory", "80GiB", "model.nme=x"], "unknown key 'model.nme'"),
         # The trainer's own refusal, word for word (pretrain.ds_config.grad_accum_steps).
