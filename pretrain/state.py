@@ -185,6 +185,24 @@ def _base_optimizer(engine: Engine) -> torch.optim.Optimizer | None:
     return None
 
 
+# Elements summed at a time by `abs_sum`: 32 MiB of float64 temporaries, whatever the moment's size.
+SUM_CHUNK = 1 << 22
+
+
+def abs_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """sum(|x|) in float64, chunk by chunk (a 0-dim tensor on the tensor's device).
+
+    `tensor.abs().sum(dtype=torch.float64)` in one piece materialises |x| and then its float64 cast: 12
+    bytes per element of a 4-byte moment, 4.1 GB per rank for CoAtNet-5's Adam state on 2 ranks, at every
+    save and resume (measured by benchmarks/memory_breakdown.py; the full-size run was OOM-killed there).
+    """
+    flat = tensor.detach().reshape(-1)
+    total = torch.zeros((), dtype=torch.float64, device=flat.device)
+    for chunk in flat.split(SUM_CHUNK):
+        total += chunk.abs().sum(dtype=torch.float64)
+    return total
+
+
 def optimizer_moments(engine: Engine) -> list[float]:
     """Sum of |m| and of v over every Adam moment of every rank (float64; collective).
 
@@ -198,7 +216,7 @@ def optimizer_moments(engine: Engine) -> list[float]:
     for state in opt.state.values():
         for i, key in enumerate(("exp_avg", "exp_avg_sq")):
             if key in state:
-                sums[i] += state[key].detach().abs().sum(dtype=torch.float64).cpu()
+                sums[i] += abs_sum(state[key]).cpu()
     return dist.all_reduce_sum(sums).tolist()
 
 

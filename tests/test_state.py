@@ -187,3 +187,16 @@ def test_canary_fails_on_damaged_moments_lr_or_steps() -> None:
 
 def test_optimizer_moments_are_empty_before_the_first_step() -> None:
     assert optimizer_moments(PlainEngine()) == []
+
+
+def test_abs_sum_adds_chunk_by_chunk_what_one_piece_would(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pretrain import state
+
+    gen = torch.Generator().manual_seed(0)
+    moment = torch.randn(1000, 37, generator=gen)  # 37000 elements: 9 chunks of 4096 and a remainder
+    monkeypatch.setattr(state, "SUM_CHUNK", 4096)
+    expected = moment.double().abs().sum()
+    got = state.abs_sum(moment)
+    assert got.dtype == torch.float64 and got.shape == ()
+    assert torch.allclose(got, expected, rtol=1e-12, atol=0)
+    assert state.abs_sum(torch.zeros(0)).item() == 0.0
