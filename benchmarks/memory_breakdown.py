@@ -119,11 +119,25 @@ def deepspeed_holdings(engine) -> dict[str, int]:
 # ============================================================================================ one rank
 
 
+def engine_config(args: argparse.Namespace):
+    from pretrain.config import EngineConfig
+
+    extra = {"max_reuse_distance": args.max_reuse_distance} if args.max_reuse_distance is not None else {}
+    extra.update(json.loads(os.environ.get("MB_ENGINE", "{}")))
+    return EngineConfig(
+        zero_stage=3,
+        precision="bf16",
+        global_batch_size=2,
+        param_persistence_threshold=args.persistence,
+        **extra,
+    )
+
+
 def run_rank(args: argparse.Namespace) -> None:
     import torch
 
     from pretrain import dist
-    from pretrain.config import EngineConfig, LossConfig, ModelConfig, OptimConfig, ScheduleConfig
+    from pretrain.config import LossConfig, ModelConfig, OptimConfig, ScheduleConfig
     from pretrain.ds_config import deepspeed_config
     from pretrain.engine import build_engine, build_model
     from pretrain.losses import build_loss
@@ -145,7 +159,9 @@ def run_rank(args: argparse.Namespace) -> None:
             "shm": shm_bytes(),
         }
         if os.environ.get("MEMORY_BREAKDOWN_TRIM"):
+            t0 = time.perf_counter()
             ctypes.CDLL("libc.so.6").malloc_trim(0)
+            row["trim_s"] = time.perf_counter() - t0
             row["rss_after_trim"] = _status_kib("VmRSS")
         if engine is not None:
             row["held"] = deepspeed_holdings(engine)
@@ -158,9 +174,7 @@ def run_rank(args: argparse.Namespace) -> None:
     model_cfg = ModelConfig(
         name=args.model, image_size=args.image_size, depths=depths, grad_checkpointing=True
     )
-    eng_cfg = EngineConfig(
-        zero_stage=3, precision="bf16", global_batch_size=2, param_persistence_threshold=args.persistence
-    )
+    eng_cfg = engine_config(args)
     optim_cfg = OptimConfig()
     ds = deepspeed_config(eng_cfg, optim_cfg, micro_batch=1, world_size=info.world_size)
     torch.manual_seed(0)
@@ -203,12 +217,12 @@ def run_rank(args: argparse.Namespace) -> None:
 
 def planner_figures(args: argparse.Namespace) -> dict[str, float]:
     from pretrain import plan
-    from pretrain.config import EngineConfig, ModelConfig
+    from pretrain.config import ModelConfig
 
     depths = [int(d) for d in args.depths.split(",")] if args.depths else None
     cfg = ModelConfig(name=args.model, image_size=args.image_size, depths=depths, grad_checkpointing=True)
     profile = plan.profile_model(cfg, args.classes, args.persistence)
-    states = plan.model_states(profile, EngineConfig(param_persistence_threshold=args.persistence), 2)
+    states = plan.model_states(profile, engine_config(args), 2)
     return {
         "parameters (M)": profile.params / 1e6,
         "bf16 params": states.params_bf16 / GIB,
@@ -250,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--persistence", type=int, default=100_000, help="stage3_param_persistence_threshold")
+    p.add_argument(
+        "--max-reuse-distance", type=int, help="engine.max_reuse_distance (default: the config's default)"
+    )
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--role", choices=["rank"], help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
@@ -268,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--result", str(result), "--model", args.model, "--depths", args.depths]
         cmd += ["--image-size", str(args.image_size), "--classes", str(args.classes)]
         cmd += ["--persistence", str(args.persistence)]
+        if args.max_reuse_distance is not None:
+            cmd += ["--max-reuse-distance", str(args.max_reuse_distance)]
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
         t0 = time.monotonic()
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)

@@ -8,8 +8,10 @@ Per-GPU memory under DeepSpeed ZeRO-3 with bf16 compute and fp32 master weights 
   ``engine.param_persistence_threshold`` stay whole on every rank), fp32 master weights + Adam m and v
   12 B/param, bf16 gradient partition 2 B/param; at the optimizer step DeepSpeed also upcasts the
   gradient partition to fp32 (4 B/param, per sub-group), when activations are already freed.
-- the gathered-parameter working set: the largest layer plus one prefetch bucket in bf16 (capped by
-  ``engine.max_live_parameters``), the largest layer's full bf16 gradient and one reduce bucket.
+- the gathered-parameter working set, in bf16: with prefetching or reuse on (``engine.prefetch_bucket_size``
+  or ``engine.max_reuse_distance`` above 0, DeepSpeed's defaults) up to ``engine.max_live_parameters`` of
+  the partitioned parameters, the whole model when it is smaller (``gathered_parameter_elements``); else
+  the largest layer. Plus the largest layer's full bf16 gradient and one reduce bucket.
 - activations, measured, not guessed: the model is run once on the meta device (no memory, no compute)
   with a saved-tensor hook that records every tensor autograd keeps for backward, block by block, at two
   batch sizes (activation bytes are affine in the batch). Attention is accounted as the GPU's
@@ -349,6 +351,26 @@ class ModelStates:
         return self.params_bf16 + self.master_and_adam + self.grads_bf16 + self.step_fp32_grads
 
 
+def gathered_parameter_elements(profile: ModelProfile, engine: EngineConfig) -> int:
+    """Parameter elements a rank may hold gathered (whole) at once under ZeRO-3.
+
+    DeepSpeed prefetches along the module trace it recorded in the first step and keeps a gathered
+    parameter whose next use is near, under ``stage3_max_live_parameters``. With activation
+    checkpointing every block's parameters are used again by its recompute in the backward, so from the
+    second step on a rank keeps the partitioned parameters gathered from their forward to their backward:
+    measured with benchmarks/memory_breakdown.py on 2 CPU ranks, +0.14 GiB per rank for CoAtNet-5's
+    widths at one block per stage (74.8M parameters) and +1.36 GiB for CoAtNet-5 (686.7M), the whole model
+    in bf16 either time, with DeepSpeed's defaults; with reuse distance 0 alone, or prefetching off alone,
+    the same; with both off, none (only the running layer, which then is gathered again in the backward).
+    """
+    partitioned = profile.params - profile.persistent_params
+    running = profile.largest_layer_params
+    if engine.prefetch_bucket_size > 0 or engine.max_reuse_distance > 0:
+        kept = min(engine.max_live_parameters, partitioned)
+        return max(kept, min(partitioned, running + engine.prefetch_bucket_size))
+    return running
+
+
 def model_states(profile: ModelProfile, engine: EngineConfig, world_size: int) -> ModelStates:
     """ZeRO-3 model-state bytes per GPU for ``world_size`` ranks (see the module docstring)."""
     partitioned = profile.params - profile.persistent_params
@@ -358,7 +380,7 @@ def model_states(profile: ModelProfile, engine: EngineConfig, world_size: int) -
         params_bf16=BF16 * (math.ceil(partitioned / world_size) + profile.persistent_params),
         master_and_adam=MASTER_AND_ADAM * shard,
         grads_bf16=BF16 * shard,
-        gathered_params=BF16 * min(engine.max_live_parameters, largest + engine.prefetch_bucket_size),
+        gathered_params=BF16 * gathered_parameter_elements(profile, engine),
         gathered_grads=BF16 * (largest + engine.reduce_bucket_size),
         step_fp32_grads=FP32 * min(shard, DS_SUB_GROUP_SIZE),
     )
@@ -651,7 +673,8 @@ def format_plan(plan: Plan) -> str:
         f"  fp32 master + Adam m, v      {_gib(s.master_and_adam)}   (12 B/param / {c.world_size})",
         f"  bf16 gradient shard          {_gib(s.grads_bf16)}   (2 B/param / {c.world_size})",
         f"  gathered parameters          {_gib(s.gathered_params)}   "
-        f"(largest layer {p.largest_layer or '-'}: {_count(p.largest_layer_params)} + prefetch bucket)",
+        f"(kept from forward to backward, up to engine.max_live_parameters; largest layer "
+        f"{p.largest_layer or '-'}: {_count(p.largest_layer_params)})",
         f"  gathered gradients           {_gib(s.gathered_grads)}   (largest layer + reduce bucket)",
         f"  model states, total          {_gib(s.during_backward)}",
         f"    DeepSpeed's estimator      {_gib(plan.deepspeed_bytes)}   "

@@ -304,6 +304,23 @@ def test_speed_and_traffic_follow_macs_peak_and_mfu(c7_plan):
     assert sized.total_steps == round(14 * 300_000_000 / 4096)
 
 
+def test_gathered_parameters_are_what_zero3_keeps_from_forward_to_backward():
+    """Measured (benchmarks/memory_breakdown.py): with prefetching or reuse on, the whole partitioned model,
+    up to max_live_parameters; with both off, only the running layer."""
+    profile = plan.profile_model(ModelConfig(name="coatnet_0"), 1000, 100_000)
+    partitioned = profile.params - profile.persistent_params
+    assert plan.gathered_parameter_elements(profile, EngineConfig()) == partitioned  # defaults: 1e9 > 27M
+    capped = EngineConfig(max_live_parameters=5_000_000, prefetch_bucket_size=1_000_000)
+    assert plan.gathered_parameter_elements(profile, capped) == 5_000_000
+    # The running layer and one prefetch bucket, when they exceed the cap.
+    small_cap = EngineConfig(max_live_parameters=1_000_000, prefetch_bucket_size=1_000_000)
+    assert plan.gathered_parameter_elements(profile, small_cap) == profile.largest_layer_params + 1_000_000
+    off = EngineConfig(prefetch_bucket_size=0, max_reuse_distance=0)
+    assert plan.gathered_parameter_elements(profile, off) == profile.largest_layer_params
+    states = plan.model_states(profile, EngineConfig(), 8)
+    assert states.gathered_params == 2 * partitioned
+
+
 # ---------------------------------------------------------------------------------------------- budgets
 
 
