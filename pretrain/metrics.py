@@ -9,6 +9,9 @@ step ends in a sync (the loss `.item()` in the trainer), so the figures are inte
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import json
 import os
 import resource
@@ -121,3 +124,55 @@ class MetricsFile:
 class NullMetricsFile:
     def write(self, step: int, metrics: dict[str, float]) -> None:
         pass
+
+
+# ==================================================================================================== host memory
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None (another C library, or no libc found)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
+
+
+def release_free_host_memory() -> bool:
+    """Hand the pages that malloc keeps free back to the OS (glibc's malloc_trim); False where unavailable.
+
+    On a CPU training device the model states and their temporaries are malloc'd host memory, and glibc
+    keeps what is freed in its arenas: measured with benchmarks/memory_breakdown.py on CoAtNet-5 (2 CPU
+    ranks), 1.9 GiB per rank held free, 25% of the resident set; trimming at phase boundaries took
+    the resident set from 7.6-7.7 to 5.8 GiB and a step's peak from 9.5-9.6 to 7.9-8.6 GiB.
+    """
+    trim = _malloc_trim()
+    if trim is None:
+        return False
+    trim(0)
+    return True
+
+
+class HostMemoryTrim:
+    """Releases malloc's free host memory on a CPU training device: at once (`now`) after the build, a
+    save, a load or an evaluation, and before an optimizer update (where a step peaks: fp32 gradients and
+    Adam's temporaries on top of everything) at most every `every_s` seconds (a trim takes up to ~10 ms
+    with a few hundred MB free; never every step of a small model). Does nothing on GPUs, where the
+    tensors live in the device's own allocator."""
+
+    def __init__(self, device: torch.device, every_s: float = 10.0):
+        self.enabled = device.type == "cpu" and _malloc_trim() is not None
+        self.every_s = every_s
+        self._last = time.monotonic()
+
+    def now(self) -> None:
+        if self.enabled:
+            release_free_host_memory()
+            self._last = time.monotonic()
+
+    def before_update(self) -> None:
+        if self.enabled and time.monotonic() - self._last >= self.every_s:
+            self.now()

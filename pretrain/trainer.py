@@ -40,7 +40,7 @@ from pretrain.engine import (
 from pretrain.evaluate import evaluate
 from pretrain.logs import setup_logging
 from pretrain.losses import build_loss
-from pretrain.metrics import StepMeter, format_eta
+from pretrain.metrics import HostMemoryTrim, StepMeter, format_eta
 from pretrain.optim import build_optimizer, build_scheduler, total_and_warmup_steps
 from pretrain.preemption import EXIT_REQUEUE, JobContext, PreemptionHandler, downtimes
 from pretrain.run_dir import RunDir
@@ -98,6 +98,7 @@ class Trainer:
             self.global_batch, info.world_size, flops_per_image, cfg.engine.peak_tflops, device
         )
         self.state = TrainState()
+        self.host_memory = HostMemoryTrim(device)  # malloc's free pages back to the OS (CPU devices)
         self.canary = Canary(train_loader.label_kind, device, cfg.checkpoint.canary_tolerance)
         self.client = ClientState(
             train=self.state,
@@ -221,6 +222,7 @@ class Trainer:
     def fit(self) -> int:
         """Train to the last step. Returns 0, or EXIT_REQUEUE after saving when asked to stop."""
         resumed = self._resume()
+        self.host_memory.now()  # what the build and the load freed
         if resumed is not None and self.state.step >= self.total_steps:
             log.info("%s already finished at step %d: nothing to do", self.run_dir.path, self.state.step)
             return EXIT_OK
@@ -237,6 +239,7 @@ class Trainer:
                 self._log_metrics(step)
             if self.cfg.run.eval_every and step % self.cfg.run.eval_every == 0 and step < self.total_steps:
                 self._evaluate(step)
+                self.host_memory.now()
             if self.cfg.checkpoint.every_steps and step % self.cfg.checkpoint.every_steps == 0:
                 self._save(step)
             if self.preemption.should_stop(step):
@@ -274,6 +277,9 @@ class Trainer:
             self.meter.data_wait(time.perf_counter() - t0)
             loss = self.loss_fn(self.engine(images), targets)
             self.engine.backward(loss)
+            if self.engine.is_gradient_accumulation_boundary():
+                # Before the update, the step's peak (fp32 gradients, Adam): what forward and backward freed.
+                self.host_memory.before_update()
             self.engine.step()  # DeepSpeed applies the update only at the accumulation boundary
             self._loss_sum += loss.detach().to(torch.float64)
             self._loss_count += 1
@@ -405,6 +411,7 @@ class Trainer:
         phases = ", ".join(f"{k} {v:.1f} s" for k, v in self.checkpoints.last_timings.items())
         log.info("checkpoint %s committed in %.1f s (%s)", path, time.perf_counter() - t0, phases)
         self.tracker.log_metrics({"checkpoint_s": time.perf_counter() - t0}, step)
+        self.host_memory.now()
 
     def _resume(self) -> Committed | None:
         """Load the checkpoint chosen at build time (None: a fresh start); see CheckpointManager.select."""
