@@ -19,7 +19,7 @@ While each process runs, its resident memory is sampled every 0.2 s (psutil). Pr
 and the peak, what ZeRO-3 holds on disk per rank (the optimizer shard: fp32 master weights and Adam
 moments), and the planner's figures for the same setting (pretrain.plan, the model measured on the meta
 device) beside the measured ones. A gap above 15% on the total per rank is a bug in the code or in the
-planner. Needs about 20 GB of memory for CoAtNet-5: run it alone.
+planner. Needs about 20 GB of memory for CoAtNet-5 (run it alone) and 26 GB of disk under --out.
 """
 
 from __future__ import annotations

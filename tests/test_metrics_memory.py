@@ -55,14 +55,19 @@ def test_release_free_host_memory_returns_what_malloc_kept_free() -> None:
     assert int(proc.stdout) > 100 * 2**20  # most of the ~170 MiB freed comes back
 
 
-def test_host_memory_trim_runs_on_cpu_devices_only_and_at_most_every_interval() -> None:
+def test_host_memory_trim_runs_on_cpu_devices_only_and_keeps_its_overhead_at_one_percent() -> None:
     from pretrain.metrics import HostMemoryTrim
 
     assert not HostMemoryTrim(torch.device("cuda")).enabled
-    trim = HostMemoryTrim(torch.device("cpu"), every_s=3600)
+    trim = HostMemoryTrim(torch.device("cpu"))
     assert trim.enabled
-    last = trim._last
-    trim.before_update()  # within the interval: nothing
-    assert trim._last == last
+    t0 = time.monotonic()
     trim.now()
-    assert trim._last > last
+    took = time.monotonic() - t0
+    assert trim._next >= t0 and trim._next <= time.monotonic() + 100 * took
+    trim._next = time.monotonic() + 3600  # as after a slow trim: the next update skips
+    trim.before_update()
+    assert trim._next > time.monotonic() + 3000
+    trim._next = 0.0
+    trim.before_update()  # due: trims and sets the next time from its own duration
+    assert 0 < trim._next <= time.monotonic() + 100 * 5.0

@@ -58,13 +58,18 @@ def gathers_per_step(cfg, world_size: int, canary) -> list[int]:
     return counts
 
 
-info = dist.detect()
-dist.init_distributed(info, timeout_minutes=10)
-cfg = load_config(REPO / "configs" / "smoke.yaml")
-report = {
-    "fresh": gathers_per_step(cfg, info.world_size, None),
-    "canary_untraced": gathers_per_step(cfg, info.world_size, untraced_forward),
-    "canary_plain": gathers_per_step(cfg, info.world_size, lambda engine: contextlib.nullcontext()),
-}
-(Path(sys.argv[1]) / f"rank{info.rank}.json").write_text(json.dumps(report))
-dist.destroy()
+def main() -> None:
+    info = dist.detect()
+    dist.init_distributed(info, timeout_minutes=10)
+    cfg = load_config(REPO / "configs" / "smoke.yaml")
+    report = {
+        "fresh": gathers_per_step(cfg, info.world_size, None),
+        "canary_untraced": gathers_per_step(cfg, info.world_size, untraced_forward),
+        "canary_plain": gathers_per_step(cfg, info.world_size, lambda engine: contextlib.nullcontext()),
+    }
+    (Path(sys.argv[1]) / f"rank{info.rank}.json").write_text(json.dumps(report))
+    dist.destroy()
+
+
+if __name__ == "__main__":
+    dist.run_and_exit(main)  # not the interpreter's teardown: gloo's threads can abort it
