@@ -83,7 +83,8 @@ NVJPG_IMAGES_S = 1000.0
 IMAGENET_MEGAPIXELS = 0.18
 # Megapixels per second one CPU core decodes, random-resized-crops and flips with DALI's CPU backend:
 # 670-780 images/s of 256x256 JPEGs per thread on this project's 2-core machines
-# (../shared/notes/platform.md), i.e. about 47 MP/s. Server cores are faster; a conservative figure.
+# (DALI CPU pipeline, random resized crop to 224 and flip), i.e. about 47 MP/s. Server cores are
+# faster; a conservative figure.
 CPU_DECODE_MPIX_S = 47.0
 # CPU cores per GPU a node has when --cpus-per-node is not given: DGX H100/H200 (112 cores, 8 GPUs).
 DEFAULT_CORES_PER_GPU = 14
