@@ -783,11 +783,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fs-gbytes",
         type=float,
-        default=20.0,
-        help="checkpoint filesystem's aggregate write GB/s (default 20)",
+        default=Cluster.fs_gbytes,
+        help=f"checkpoint filesystem's aggregate write GB/s (default {Cluster.fs_gbytes:g})",
     )
     parser.add_argument(
-        "--node-write-gbytes", type=float, default=5.0, help="write GB/s one node reaches (default 5)"
+        "--node-write-gbytes",
+        type=float,
+        default=Cluster.node_write_gbytes,
+        help=f"write GB/s one node reaches (default {Cluster.node_write_gbytes:g})",
     )
     parser.add_argument(
         "--warning-lead",
