@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
+import socket
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
@@ -96,11 +98,46 @@ def parse_labels(
     return hot
 
 
+INDEX_PREFIX = "coatnet-"
+OWNER_FILE = "owner"  # "<host> <pid>" of the process whose loader writes the folder
+
+
 def _index_dir(cfg: DataConfig, tag: str) -> Path:
-    parent = Path(cfg.index_cache) if cfg.index_cache else None
-    if parent is not None:
-        parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f"coatnet-{tag}-", dir=parent))
+    """A fresh folder for one loader's index files, with its owner written in it. A rank killed with
+    SIGKILL never runs `close`: its folder is removed by the next loader on the same host (and parent)."""
+    parent = Path(cfg.index_cache) if cfg.index_cache else Path(tempfile.gettempdir())
+    parent.mkdir(parents=True, exist_ok=True)
+    remove_orphan_index_dirs(parent)
+    folder = Path(tempfile.mkdtemp(prefix=f"{INDEX_PREFIX}{tag}-", dir=parent))
+    (folder / OWNER_FILE).write_text(f"{socket.gethostname()} {os.getpid()}\n")
+    return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_orphan_index_dirs(parent: Path) -> list[Path]:
+    """Delete this user's index folders under `parent` whose owner process, on this host, is gone.
+    Folders of other hosts (a shared index_cache), of live processes or without an owner file stay."""
+    host, removed = socket.gethostname(), []
+    for folder in parent.glob(f"{INDEX_PREFIX}*"):
+        try:
+            if folder.stat().st_uid != os.getuid():
+                continue
+            owner_host, pid = (folder / OWNER_FILE).read_text().split()
+        except (OSError, ValueError):
+            continue
+        if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def model_input(images: torch.Tensor, output_dtype: str | None) -> torch.Tensor:

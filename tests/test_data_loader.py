@@ -91,6 +91,64 @@ def test_ranks_as_processes_split_an_epoch_exactly(digit_wds, tmp_path, world):
     assert sum(seen.values()) - len(expected) == padding, "only the documented padding repeats"
 
 
+KILLED_SCRIPT = textwrap.dedent(
+    """
+    import sys, time, torch
+    from data_pipeline.config import DataConfig
+    from data_pipeline.loader import build_train_loader
+    cfg = DataConfig(train=sys.argv[1], batch_size=8, num_threads=1, output_dtype="fp32", index_cache=sys.argv[2])
+    loader = build_train_loader(cfg, image_size=32, rank=0, world_size=1, seed=5, device=torch.device("cpu"))
+    next(loader)
+    print("READY", flush=True)
+    time.sleep(600)
+    """
+)
+
+
+@pytest.mark.multiprocess
+def test_index_files_of_a_killed_rank_are_removed_by_the_next_loader(digit_wds, tmp_path):
+    """SIGKILL skips `close`: the index folder stays until the next loader on the host removes it, and a
+    live loader's folder is never touched."""
+    cache = tmp_path / "index"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_SCRIPT, str(digit_wds["train"]), str(cache)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "READY", proc.stdout.read()
+        (orphan,) = cache.iterdir()
+        assert any(orphan.rglob("*.idx"))
+        live = build_train_loader(
+            make_cfg(digit_wds["train"], index_cache=str(cache)),
+            image_size=SIZE,
+            rank=0,
+            world_size=1,
+            seed=1,
+            device=CPU,
+        )
+        assert orphan.exists(), "the folder of a live process was removed"
+        proc.kill()
+        proc.wait(timeout=30)
+        other = build_train_loader(
+            make_cfg(digit_wds["train"], index_cache=str(cache)),
+            image_size=SIZE,
+            rank=1,
+            world_size=2,
+            seed=1,
+            device=CPU,
+        )
+        assert not orphan.exists()
+        assert len(list(cache.iterdir())) == 2  # the two live loaders' folders
+        live.close()
+        other.close()
+        assert list(cache.iterdir()) == []
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
 def test_order_is_a_pure_function_of_seed_and_epoch(digit_wds):
     cfg = make_cfg(digit_wds["train"])
     first = run_epoch(cfg, 0, 1, seed=1)
