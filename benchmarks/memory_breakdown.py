@@ -180,6 +180,18 @@ def run_rank(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     model = build_model(model_cfg, num_classes=args.classes, ds_config=ds)
     mark("model build (zero.Init)")
+    if args.build_only:  # a size whose optimizer cannot fit here: is the build itself at its share?
+        phases[-1]["held"] = {
+            "bf16 param partitions": tensor_bytes(p.ds_tensor for p in model.parameters()),
+            "persistent params (whole)": tensor_bytes(
+                p.data for p in model.parameters() if getattr(p, "ds_persist", False)
+            ),
+        }
+        phases[-1]["share"] = 2 * sum(p.ds_numel for p in model.parameters()) // info.world_size
+        every = dist.all_gather_object(phases)
+        if info.is_main:
+            Path(args.result).write_text(json.dumps(every))
+        return
     optimizer = build_optimizer(model, optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, ScheduleConfig(steps=100, warmup_steps=1), 1.0)
     engine = build_engine(model, optimizer, scheduler, ds)
@@ -252,6 +264,17 @@ def print_report(every: list[list[dict]], planned: dict[str, float]) -> None:
     for name, n in last.items():
         print(f"  {name:28} {n / GIB:6.2f}")
     print(f"  {'total':28} {sum(last.values()) / GIB:6.2f}")
+    if "share" in every[0][-1]:
+        built = [rank[-1]["rss"] - rank[0]["rss"] for rank in every]
+        peaks = [rank[-1]["peak"] for rank in every]
+        share = every[0][-1]["share"]
+        print(f"  {'bf16 share of the model':28} {share / GIB:6.2f}  (2 bytes x parameters / ranks)")
+        print(
+            "  resident growth over the build, per rank: "
+            + ", ".join(f"{b / GIB:.2f} GiB ({b / share:.2f}x the share)" for b in built)
+            + "; build peaks "
+            + ", ".join(f"{x / GIB:.2f}" for x in peaks)
+        )
     print("\nthe planner, per rank, GiB")
     for name, v in planned.items():
         print(f"  {name:28} {v:6.2f}" if "(M)" not in name else f"  {name:28} {v:6.1f}")
@@ -266,6 +289,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--persistence", type=int, default=100_000, help="stage3_param_persistence_threshold")
     p.add_argument(
         "--max-reuse-distance", type=int, help="engine.max_reuse_distance (default: the config's default)"
+    )
+    p.add_argument(
+        "--build-only",
+        action="store_true",
+        help="stop after the model build (CoAtNet-6/7: their optimizer states do not fit 2 ranks here)",
     )
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--role", choices=["rank"], help=argparse.SUPPRESS)
@@ -285,6 +313,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--result", str(result), "--model", args.model, "--depths", args.depths]
         cmd += ["--image-size", str(args.image_size), "--classes", str(args.classes)]
         cmd += ["--persistence", str(args.persistence)]
+        if args.build_only:
+            cmd += ["--build-only"]
         if args.max_reuse_distance is not None:
             cmd += ["--max-reuse-distance", str(args.max_reuse_distance)]
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

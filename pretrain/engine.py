@@ -93,9 +93,56 @@ def build_engine(
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
+    fp32_gradients_without_flat_copy(engine.optimizer)
     if compile_model:
         engine.compile()
     return engine
+
+
+def adjacent_span(tensors: list[torch.Tensor]) -> torch.Tensor | None:
+    """One 1-D view over `tensors` when they lie end to end in one storage (in order, same dtype), else None."""
+    if not tensors or any(t is None or t.dim() != 1 or not t.is_contiguous() for t in tensors):
+        return None
+    first = tensors[0]
+    storage, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for t in tensors:
+        if (
+            t.dtype != first.dtype
+            or t.untyped_storage().data_ptr() != storage
+            or t.storage_offset() != offset
+        ):
+            return None
+        offset += t.numel()
+    return first.as_strided((offset - first.storage_offset(),), (1,), first.storage_offset())
+
+
+def fp32_gradients_without_flat_copy(optimizer) -> bool:
+    """ZeRO-3's step turns each sub-group's gradient partitions into the fp32 gradient of its master
+    partition as `flatten(partitions).to(fp32)` (deepspeed 0.19.8, `_prepare_fp32_grad_for_sub_group`).
+    The partitions are already consecutive slices of one flat bf16 buffer, so the flatten is a second
+    bf16 copy of the whole partition at the step's peak: 0.64 GiB per rank for CoAtNet-5 on 2 ranks,
+    2.3 GiB on CoAtNet-7 over 2 ranks. Here the fp32 gradient is cast from a view of those slices: the
+    same values (one cast of the same elements), one allocation fewer. Installed when the optimizer is
+    ZeRO-3 without optimizer offload; falls back to DeepSpeed's own code for a sub-group whose partitions
+    are not one span (a frozen parameter) or whose dtype needs no cast (fp32 training: the cast would
+    return the buffer itself, which the step then modifies in place). Returns whether it was installed."""
+    needed = ("_prepare_fp32_grad_for_sub_group", "averaged_gradients", "fp32_partitioned_groups_flat")
+    if not all(hasattr(optimizer, name) for name in needed) or getattr(optimizer, "offload_optimizer", True):
+        return False
+    deepspeeds_own = optimizer._prepare_fp32_grad_for_sub_group
+
+    def prepare(sub_group_id: int) -> None:
+        master = optimizer.fp32_partitioned_groups_flat[sub_group_id]
+        span = adjacent_span(optimizer.averaged_gradients[sub_group_id])
+        if span is None or span.dtype == master.dtype or span.numel() != master.numel():
+            deepspeeds_own(sub_group_id)
+            return
+        master.grad = span.to(master.dtype)
+        optimizer.averaged_gradients[sub_group_id] = None
+        optimizer.fp32_grads_cast_from_view = getattr(optimizer, "fp32_grads_cast_from_view", 0) + 1
+
+    optimizer._prepare_fp32_grad_for_sub_group = prepare
+    return True
 
 
 @contextlib.contextmanager

@@ -3,7 +3,8 @@
 Pins what the trainer relies on: building inside ``deepspeed.zero.Init`` keeps the spec's initialisation,
 config-derived table shapes equal the shards' ``ds_shape``, the pure resize works from ``ds_shape``,
 ``no_weight_decay`` ignores the empty shard shapes, and activation checkpointing under a ZeRO-3 bf16
-engine gives the same losses as no checkpointing. Run as a script by the test below (deepspeed is only
+engine gives the same losses as no checkpointing, and `build_engine`'s step (fp32 gradients cast
+from a view) the same losses and master weights as DeepSpeed's own. Run as a script by the test below (deepspeed is only
 imported there, never at collection time).
 """
 
@@ -68,13 +69,22 @@ def check_init_and_shapes() -> None:
         assert torch.allclose(model.eval()(x), reference.eval()(x), atol=1e-5)
 
 
-def losses(checkpointing: bool, save_dir: str | None = None) -> list[float]:
+def losses(checkpointing: bool, save_dir: str | None = None, ours: bool = False) -> list[float]:
+    """Three steps' losses (and one after a save and load) of DeepSpeed's own engine, or with `ours` of
+    `build_engine`'s (its fp32 gradients cast from a view of the partitions), whose updated master
+    weights are then kept in MASTERS."""
     import deepspeed
+
+    from pretrain.engine import build_engine
 
     model = sharded(64, 1)
     model.set_grad_checkpointing(checkpointing)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=DS)
+    if ours:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        engine = build_engine(model, optimizer, scheduler, DS)
+    else:
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=DS)
     torch.manual_seed(2)
     x, y = torch.randn(4, 3, 64, 64).bfloat16(), torch.tensor([1, 2, 3, 4])
     out = []
@@ -90,7 +100,13 @@ def losses(checkpointing: bool, save_dir: str | None = None) -> list[float]:
         engine.load_checkpoint(save_dir, tag="t")
         loss = torch.nn.functional.cross_entropy(engine(x).float(), y)
         out.append(loss.item())
+    MASTERS[ours] = [t.clone() for t in engine.optimizer.fp32_partitioned_groups_flat]
+    if ours:
+        assert engine.optimizer.fp32_grads_cast_from_view == 3, "the view path did not run at every step"
     return out
+
+
+MASTERS: dict[bool, list[torch.Tensor]] = {}
 
 
 def main() -> int:
@@ -101,6 +117,9 @@ def main() -> int:
     plain, ckpt = losses(False, save_dir=sys.argv[1]), losses(True, save_dir=sys.argv[1])
     print("losses", plain, ckpt)
     assert plain == ckpt, (plain, ckpt)
+    theirs = MASTERS[False]
+    assert losses(True, ours=True) == ckpt[:3]
+    assert all(torch.equal(a, b) for a, b in zip(MASTERS[True], theirs, strict=True)), "master weights differ"
     assert plain[-1] < plain[0]
     print("ZERO3-OK")
     return 0
