@@ -75,6 +75,12 @@ class Launch:
     def all(self, pattern: str) -> list[tuple[float, re.Match]]:
         return [(t, m) for t, line in self.lines if (m := re.search(pattern, line))]
 
+    def peak_after(self, label: str) -> str:
+        """The last console line before the process's peak sample: the phase the peak belongs to."""
+        when = max((rss, -t) for t, lab, rss in self.samples if lab == label)[1] * -1
+        before = [line for t, line in self.lines if t <= when]
+        return f"{when:.0f} s, after: {before[-1][:100]}" if before else f"{when:.0f} s"
+
     def resident_at(self, label: str, when: float) -> int:
         """The process's resident bytes at the last sample before `when`."""
         before = [rss for t, lab, rss in self.samples if lab == label and t <= when]
@@ -202,6 +208,7 @@ def memory(launch: Launch) -> dict[str, dict[str, float]]:
             "setup_gib": launch.resident_at(label, setup[0]) / GIB if setup else 0.0,
             "built_gib": launch.resident_at(label, built[0]) / GIB if built else 0.0,
             "peak_gib": launch.peak[label] / GIB,
+            "peak_after": launch.peak_after(label),
         }
     return out
 
@@ -428,6 +435,7 @@ def print_table(f: dict) -> None:
         for label, m in f["memory"][run_name].items():
             print(
                 f"  {run_name + ' ' + label:<30}{m['setup_gib']:10.2f}{m['built_gib']:12.2f}{m['peak_gib']:9.2f}"
+                f"   peak at {m['peak_after']}"
             )
     print(f"  {'export process peak':<30}{'':22}{f['memory']['export_peak_gib']:9.2f}")
     print("\nZeRO-3 on disk per rank (GiB)")
