@@ -235,6 +235,9 @@ def planner_figures(args: argparse.Namespace) -> dict[str, float]:
     cfg = ModelConfig(name=args.model, image_size=args.image_size, depths=depths, grad_checkpointing=True)
     profile = plan.profile_model(cfg, args.classes, args.persistence)
     states = plan.model_states(profile, engine_config(args), 2)
+    no_reserve = plan.Cluster(
+        nodes=1, gpus_per_node=2, gpu_memory=64 * GIB, peak_tflops=1.0, mfu=1.0, link_gbytes=1.0, reserve=0
+    )
     return {
         "parameters (M)": profile.params / 1e6,
         "bf16 params": states.params_bf16 / GIB,
@@ -244,6 +247,7 @@ def planner_figures(args: argparse.Namespace) -> dict[str, float]:
         "gathered grads": states.gathered_grads / GIB,
         "fp32 grads at step": states.step_fp32_grads / GIB,
         "activations (ckpt)": plan.activation_bytes(profile, 1, True) / GIB,
+        "total (training peak)": plan.peak_bytes(profile, states, no_reserve, 1, True) / GIB,
     }
 
 
