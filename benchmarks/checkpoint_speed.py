@@ -43,7 +43,13 @@ def build(model_name: str, image_size: int, info: dist.RankInfo):
     model = build_model(
         ModelConfig(name=model_name, image_size=image_size), num_classes=1000, ds_config=ds_config
     )
-    engine = build_engine(model, build_optimizer(model, optim_cfg), None, ds_config)
+    engine = build_engine(
+        model,
+        build_optimizer(model, optim_cfg),
+        None,
+        ds_config,
+        gather_unit_elements=engine_cfg.gather_unit_elements,
+    )
     images = torch.randn(1, 3, image_size, image_size, dtype=torch.bfloat16)
     loss = engine(images).float().logsumexp(-1).mean()
     engine.backward(loss)

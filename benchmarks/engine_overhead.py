@@ -29,7 +29,9 @@ figure per configuration is the median step time (for ZeRO-3, each step's slowes
 
 By default `engine.param_persistence_threshold` is 0 so that every parameter of this small model is
 partitioned, as nearly all of CoAtNet-5..7's are (DeepSpeed's default 1e5 elements would keep most of a
-small model's tensors whole and hide the gather cost).
+small model's tensors whole and hide the gather cost). Blocks are gathered as units as in the trainer
+(`engine.gather_unit_elements`, `pretrain.engine.zero3_gather_units`); `--gather-unit-elements 0` measures
+DeepSpeed's layer-by-layer gathers.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         precision="bf16",
         global_batch_size=args.batch,
         param_persistence_threshold=args.persistence_threshold,
+        gather_unit_elements=args.gather_unit_elements,
     )
 
 
@@ -213,7 +216,9 @@ def run_zero3(args: argparse.Namespace) -> dict | None:
     model = build_model(cfg, num_classes=args.num_classes, ds_config=ds_config)
     optimizer = build_optimizer(model, optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, ScheduleConfig(steps=10_000, warmup_steps=10), 1.0)
-    engine = build_engine(model, optimizer, scheduler, ds_config)
+    engine = build_engine(
+        model, optimizer, scheduler, ds_config, gather_unit_elements=eng_cfg.gather_unit_elements
+    )
     loss_fn = build_loss(LossConfig(), args.num_classes)
     images, labels = synthetic_batch(args, micro, seed=1 + info.rank)
 
@@ -267,6 +272,7 @@ def child_args(args: argparse.Namespace, role: str, threads: int, out: Path) -> 
         "--image-size", str(args.image_size),
         "--num-classes", str(args.num_classes),
         "--persistence-threshold", str(args.persistence_threshold),
+        "--gather-unit-elements", str(args.gather_unit_elements),
     ] + (["--grad-checkpointing"] if args.grad_checkpointing else [])  # fmt: skip
 
 
@@ -341,7 +347,8 @@ def report(args: argparse.Namespace, plain2: dict, plain1: dict, zero3: dict) ->
         f"global batch {args.batch} (ZeRO-3: {zero3['micro_batch']} per rank x {ZERO3_RANKS} ranks, "
         f"accumulation {zero3['accumulation']}); {args.repeats} x {args.steps} timed steps per configuration, "
         f"each after {args.warmup} warm-up; "
-        f"persistence threshold {args.persistence_threshold}; synthetic input"
+        f"persistence threshold {args.persistence_threshold}; gather units up to {args.gather_unit_elements:,} "
+        "elements; synthetic input"
     )
     rows = [
         (f"plain, {plain2['threads']} threads", plain2, t2, ips2, 2),
@@ -410,6 +417,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing on both sides")
     p.add_argument("--persistence-threshold", type=int, default=0, help="stage3_param_persistence_threshold")
+    p.add_argument(
+        "--gather-unit-elements",
+        type=int,
+        default=EngineConfig().gather_unit_elements,
+        help="engine.gather_unit_elements: blocks up to this size are gathered in one go (0: layer by layer)",
+    )
     p.add_argument("--json", type=Path, help="also write the figures here")
     p.add_argument("--role", choices=["plain", "zero3"], help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)

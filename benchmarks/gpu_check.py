@@ -198,7 +198,13 @@ class _Trainer:
                 name=name, image_size=sizes.image_size, grad_checkpointing=ckpt, **sizes.overrides
             )
             model = build_model(cfg, num_classes=sizes.num_classes, ds_config=ds)
-            self.engine = build_engine(model, build_optimizer(model, OptimConfig()), None, ds)
+            self.engine = build_engine(
+                model,
+                build_optimizer(model, OptimConfig()),
+                None,
+                ds,
+                gather_unit_elements=EngineConfig().gather_unit_elements,
+            )
             self.module = self.engine.module
             self.loss_fn = build_loss(LossConfig(), sizes.num_classes)
         else:

@@ -194,7 +194,7 @@ def run_rank(args: argparse.Namespace) -> None:
         return
     optimizer = build_optimizer(model, optim_cfg)
     scheduler = build_scheduler(optimizer, optim_cfg, ScheduleConfig(steps=100, warmup_steps=1), 1.0)
-    engine = build_engine(model, optimizer, scheduler, ds)
+    engine = build_engine(model, optimizer, scheduler, ds, gather_unit_elements=eng_cfg.gather_unit_elements)
     mark("engine (deepspeed.initialize)", engine)
     loss_fn = build_loss(LossConfig(), args.classes)
     gen = torch.Generator().manual_seed(1 + info.rank)

@@ -145,6 +145,13 @@ class EngineConfig:
     max_reuse_distance: int = doc(
         "ZeRO-3 keeps a gathered parameter if reused within this many elements.", 1_000_000_000, min=0
     )
+    gather_unit_elements: int = doc(
+        "ZeRO-3 gathers each block (MBConv or transformer, not the stem) of at most this many parameter "
+        "elements in one go at its entry; larger ones layer by layer (DeepSpeed's own hooks); 0: layer by "
+        "layer everywhere. Fewer, larger all-gathers and far fewer hooks; see pretrain.engine.zero3_gather_units.",
+        150_000_000,
+        min=0,
+    )
     overlap_comm: bool = doc("Overlap gradient reduction with backward.", True)
     contiguous_gradients: bool = doc("Copy gradients into one contiguous buffer (less fragmentation).", True)
     timeout_minutes: int = doc(

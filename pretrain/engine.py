@@ -76,6 +76,7 @@ def build_engine(
     ds_config: dict,
     *,
     compile_model: bool = False,
+    gather_unit_elements: int = 0,
 ):
     """DeepSpeed engine around the model, our optimizer and our schedule; compiled if `compile_model`.
 
@@ -90,6 +91,12 @@ def build_engine(
     """
     import deepspeed
 
+    if ds_config["zero_optimization"]["stage"] == 3 and gather_unit_elements > 0:
+        from deepspeed.utils import set_z3_leaf_modules_by_name
+
+        units = zero3_gather_units(model, gather_unit_elements)
+        if units:  # before initialize: it installs the gather hooks, and none below a unit
+            set_z3_leaf_modules_by_name(model, units)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
@@ -97,6 +104,33 @@ def build_engine(
     if compile_model:
         engine.compile()
     return engine
+
+
+def _elements(module: torch.nn.Module) -> int:
+    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
+
+
+def zero3_gather_units(model: torch.nn.Module, max_elements: int) -> list[str]:
+    """Blocks ZeRO-3 gathers in one go (DeepSpeed "leaf" modules: one all-gather of all their parameters
+    at entry, no hooks below): every block of at most `max_elements` parameter elements; larger blocks
+    keep DeepSpeed's per-layer gathers (their layers are large tensors already). Why: ZeRO-3's cost on
+    this model is per module, not per byte -- a hook pair and a gather for each of the ~15 parameterised
+    layers of a block (convs, norms, the attention's projections and bias table) -- and a block is the
+    unit activation checkpointing recomputes, so its parameters are needed together anyway. Not whole
+    stages: a checkpointed block's recompute in the backward then runs before the stage's backward
+    gather (measured: empty parameters); not the stem, whose input needs no gradient: DeepSpeed's
+    backward gather of a leaf does not happen before its recompute there (the same error). On 2 CPU ranks (benchmarks/engine_overhead.py, CoAtNet-0
+    small): ZeRO-3's step time 2.2x a plain process's per layer, 1.5x with blocks as units. The cap
+    (engine.gather_unit_elements, 150M elements = 300 MB in bf16) bounds what one unit holds gathered;
+    every block of CoAtNet-0..7 is below it (the largest, CoAtNet-7's last stage: 113M). Names as in
+    `named_modules`."""
+    return [
+        f"stages.{i}.blocks.{j}"
+        for i, stage in enumerate(getattr(model, "stages", []))
+        if stage.kind != "stem"
+        for j, block in enumerate(stage.blocks)
+        if _elements(block) <= max_elements
+    ]
 
 
 def adjacent_span(tensors: list[torch.Tensor]) -> torch.Tensor | None:

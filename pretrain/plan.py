@@ -62,6 +62,7 @@ from torch.overrides import TorchFunctionMode
 from pretrain.config import EngineConfig, ModelConfig, TrainConfig, load_config
 from pretrain.configlib import ConfigError
 from pretrain.ds_config import grad_accum_steps
+from pretrain.engine import zero3_gather_units
 from pretrain.model import count_macs, create_model
 
 BF16 = 2  # bytes per bf16 element
@@ -165,6 +166,11 @@ class ModelProfile:
     largest_layer_params: int
     macs_per_image: int
     blocks: list[BlockActivations] = field(default_factory=list)
+    persistent_tensors: int = 0
+    gather_units: int = 0  # blocks ZeRO-3 gathers in one go (pretrain.engine.zero3_gather_units)
+    largest_unit_params: int = 0
+    hooked_modules: int = 0  # modules with ZeRO-3's gather hooks, with those units
+    hooked_modules_per_layer: int = 0  # the same, DeepSpeed's default (every module)
 
 
 def model_parameter_stats(model: nn.Module) -> tuple[int, str, int]:
@@ -279,7 +285,18 @@ def _measure(
     return recorder.saved, sizes
 
 
-def profile_model(cfg: ModelConfig, num_classes: int, persistence_threshold: int) -> ModelProfile:
+def traffic_bytes(profile: ModelProfile, micro_steps: int, world: int) -> int:
+    """ZeRO-3 bytes per rank per step: a partitioned parameter is all-gathered in the forward and again in
+    the backward and its gradient reduce-scattered (3 x bf16, each moving (W-1)/W of the tensor); a
+    parameter kept whole (below the persistence threshold) is never gathered, its gradient all-reduced
+    (2 x). Gather units change the number of collectives and hooks, not the bytes."""
+    partitioned = profile.params - profile.persistent_params
+    return int(BF16 * micro_steps * (world - 1) / world * (3 * partitioned + 2 * profile.persistent_params))
+
+
+def profile_model(
+    cfg: ModelConfig, num_classes: int, persistence_threshold: int, gather_unit_elements: int = 0
+) -> ModelProfile:
     """Parameters, MACs and per-block activation bytes of the configured model, on the meta device.
 
     The model is built in bf16 (as ZeRO-3 holds it) in training mode; the input does not require
@@ -296,6 +313,10 @@ def profile_model(cfg: ModelConfig, num_classes: int, persistence_threshold: int
     model = model.to(torch.bfloat16).train()
     total, largest_name, largest = model_parameter_stats(model)
     persistent = sum(p.numel() for p in model.parameters() if p.numel() < persistence_threshold)
+    persistent_tensors = sum(1 for p in model.parameters() if p.numel() < persistence_threshold)
+    modules = dict(model.named_modules())
+    units = zero3_gather_units(model, gather_unit_elements)
+    below_units = sum(len(list(modules[u].modules())) - 1 for u in units)
     saved1, sizes1 = _measure(model, 1, cfg.image_size)
     saved2, _ = _measure(model, 2, cfg.image_size)
     blocks = []
@@ -318,6 +339,11 @@ def profile_model(cfg: ModelConfig, num_classes: int, persistence_threshold: int
         largest_layer=largest_name,
         largest_layer_params=largest,
         macs_per_image=count_macs(model, cfg.image_size).macs,
+        persistent_tensors=persistent_tensors,
+        gather_units=len(units),
+        largest_unit_params=max((sum(p.numel() for p in modules[u].parameters()) for u in units), default=0),
+        hooked_modules=len(modules) - below_units,
+        hooked_modules_per_layer=len(modules),
         blocks=blocks,
     )
 
@@ -596,7 +622,9 @@ def make_plan(
     if classes is None:
         raise ValueError(f"{config_name or 'config'}: model.num_classes is null; pass --num-classes")
     world = cluster.world_size
-    profile = profile_model(cfg.model, classes, cfg.engine.param_persistence_threshold)
+    profile = profile_model(
+        cfg.model, classes, cfg.engine.param_persistence_threshold, cfg.engine.gather_unit_elements
+    )
     states = model_states(profile, cfg.engine, world)
     micro = cfg.data.batch_size
     global_batch = cfg.engine.global_batch_size or micro * world
@@ -608,7 +636,7 @@ def make_plan(
     flops_per_image = 6.0 * profile.macs_per_image
     step_seconds = images_per_gpu * flops_per_image / (cluster.peak_tflops * 1e12 * cluster.mfu)
     micro_steps = accumulation
-    comm = int(3 * BF16 * profile.params * micro_steps * (world - 1) / world)
+    comm = traffic_bytes(profile, micro_steps, world)
     return Plan(
         config=config_name,
         cluster=cluster,
@@ -691,6 +719,13 @@ def format_plan(plan: Plan) -> str:
         _row(f"  dividing {plan.global_batch}/{c.world_size}", plan.max_usable_batch, str),
         f"  (the config {'uses' if plan.checkpointing else 'does not use'} activation checkpointing)",
         "",
+        "ZeRO-3 partitioning (rule: pretrain.engine.zero3_gather_units)",
+        f"  kept whole on every rank     {_count(p.persistent_params)} params in {p.persistent_tensors} tensors "
+        "(below engine.param_persistence_threshold)",
+        f"  gather units                 {p.gather_units} blocks of <= engine.gather_unit_elements, largest "
+        f"{_count(p.largest_unit_params)} (one all-gather each; other layers one by one)",
+        f"  modules with gather hooks    {p.hooked_modules} (layer by layer: {p.hooked_modules_per_layer})",
+        "",
         "speed",
         f"  model FLOPs per image        {6 * p.macs_per_image / 1e9:10.1f} GFLOP   (6 x MACs)",
         f"  step time                    {plan.step_seconds:10.3f} s",
@@ -698,7 +733,7 @@ def format_plan(plan: Plan) -> str:
         f"({plan.images_per_second / c.world_size:.1f} per GPU, "
         f"{plan.images_per_second / c.nodes:.0f} per node to decode)",
         f"  ZeRO-3 traffic per rank      {plan.comm_bytes_per_step / 1e9:10.2f} GB/step   "
-        f"(3 x bf16 params x {plan.accumulation or '?'} micro-steps)",
+        f"(3 x bf16 partitioned params, 2 x whole ones, x {plan.accumulation or '?'} micro-steps)",
         f"  at {c.link_gbytes:g} GB/s per GPU        {plan.comm_seconds:10.3f} s   "
         f"({'hidden behind' if plan.comm_seconds < plan.step_seconds else 'LONGER than'} compute if overlapped)",
     ]

@@ -174,7 +174,14 @@ class Trainer:
         optimizer = build_optimizer(model, cfg.optim)
         steps_per_epoch = train_loader.micro_steps_per_epoch / accum  # optimizer steps
         scheduler = build_scheduler(optimizer, cfg.optim, cfg.schedule, steps_per_epoch)
-        engine = build_engine(model, optimizer, scheduler, ds_config, compile_model=cfg.engine.compile)
+        engine = build_engine(
+            model,
+            optimizer,
+            scheduler,
+            ds_config,
+            compile_model=cfg.engine.compile,
+            gather_unit_elements=cfg.engine.gather_unit_elements,
+        )
         ema = (
             ShardedEma(engine.module, cfg.ema.decay, cfg.ema.every, info.world_size)
             if cfg.ema.decay

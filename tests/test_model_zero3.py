@@ -69,7 +69,13 @@ def check_init_and_shapes() -> None:
         assert torch.allclose(model.eval()(x), reference.eval()(x), atol=1e-5)
 
 
-def losses(checkpointing: bool, save_dir: str | None = None, ours: bool = False) -> list[float]:
+def hooked_modules(model: torch.nn.Module) -> int:
+    return sum(1 for m in model.modules() if m._forward_pre_hooks)
+
+
+def losses(
+    checkpointing: bool, save_dir: str | None = None, ours: bool = False, units: int = 0
+) -> list[float]:
     """Three steps' losses (and one after a save and load) of DeepSpeed's own engine, or with `ours` of
     `build_engine`'s (its fp32 gradients cast from a view of the partitions), whose updated master
     weights are then kept in MASTERS."""
@@ -82,7 +88,8 @@ def losses(checkpointing: bool, save_dir: str | None = None, ours: bool = False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     if ours:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-        engine = build_engine(model, optimizer, scheduler, DS)
+        engine = build_engine(model, optimizer, scheduler, DS, gather_unit_elements=units)
+        HOOKED[units] = hooked_modules(engine.module)
     else:
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=DS)
     torch.manual_seed(2)
@@ -107,6 +114,7 @@ def losses(checkpointing: bool, save_dir: str | None = None, ours: bool = False)
 
 
 MASTERS: dict[bool, list[torch.Tensor]] = {}
+HOOKED: dict[int, int] = {}  # gather_unit_elements -> modules with ZeRO-3 forward hooks
 
 
 def main() -> int:
@@ -120,6 +128,10 @@ def main() -> int:
     theirs = MASTERS[False]
     assert losses(True, ours=True) == ckpt[:3]
     assert all(torch.equal(a, b) for a, b in zip(MASTERS[True], theirs, strict=True)), "master weights differ"
+    # Gather units (here every block): the same arithmetic, ZeRO-3's hooks on the blocks, not their layers.
+    assert losses(True, ours=True, units=2_000_000) == ckpt[:3]
+    assert all(torch.equal(a, b) for a, b in zip(MASTERS[True], theirs, strict=True)), "master weights differ"
+    assert HOOKED[2_000_000] < HOOKED[0] / 3, HOOKED
     assert plain[-1] < plain[0]
     print("ZERO3-OK")
     return 0

@@ -296,7 +296,15 @@ def test_speed_and_traffic_follow_macs_peak_and_mfu(c7_plan):
     flops = 64 * 6 * p.profile.macs_per_image  # images per GPU per step x 6 x MACs
     assert p.step_seconds == pytest.approx(flops / (989e12 * 0.4))
     assert p.images_per_second == pytest.approx(4096 / p.step_seconds)
-    assert p.comm_bytes_per_step == pytest.approx(3 * 2 * p.profile.params * 63 / 64, rel=1e-9)
+    whole = p.profile.persistent_params
+    assert 0 < whole < p.profile.params / 100
+    # The gather-unit rule: every block but the stem, up to engine.gather_unit_elements (150M).
+    assert p.profile.gather_units == 2 + 4 + 8 + 42 + 2  # CoAtNet-7: the blocks of S1-S5
+    assert 100e6 < p.profile.largest_unit_params <= 150_000_000  # S5's
+    assert p.profile.hooked_modules < p.profile.hooked_modules_per_layer / 3
+    assert f"gather units                 {p.profile.gather_units} blocks" in plan.format_plan(p)
+    traffic = (3 * 2 * (p.profile.params - whole) + 2 * 2 * whole) * 63 / 64
+    assert p.comm_bytes_per_step == pytest.approx(traffic, rel=1e-9)
     assert p.peak[False] <= H100.gpu_memory  # the recipe's own choice fits
     assert p.total_steps is None  # an epoch schedule needs the corpus size
     cfg = load_config(CONFIGS / "coatnet7_jft.yaml")

@@ -39,7 +39,13 @@ def gathers_per_step(cfg, world_size: int, canary) -> list[int]:
     ds = deepspeed_config(cfg.engine, cfg.optim, micro_batch=cfg.data.batch_size, world_size=world_size)
     torch.manual_seed(0)
     model = build_model(cfg.model, num_classes=10, ds_config=ds)
-    engine = build_engine(model, build_optimizer(model, cfg.optim), None, ds)
+    engine = build_engine(
+        model,
+        build_optimizer(model, cfg.optim),
+        None,
+        ds,
+        gather_unit_elements=cfg.engine.gather_unit_elements,
+    )
     size = cfg.model.image_size
     images = torch.randn(cfg.data.batch_size, 3, size, size, dtype=torch.bfloat16)
     targets = torch.randint(0, 10, (cfg.data.batch_size,))
