@@ -1,8 +1,9 @@
 """`coatnet-export CHECKPOINT OUT.safetensors [--bf16]`: consolidated weights of a ZeRO-3 checkpoint.
 
 Needs no engine, no GPU and no process group. DeepSpeed's `zero_to_fp32` merges every rank's fp32
-master shards into whole tensors, one tensor at a time (lazy mode), so the peak memory is about the
-exported file (CoAtNet-7: 9.8 GB in fp32, 4.9 GB in bf16). BatchNorm buffers come from rank 0's file;
+master shards into whole tensors, one tensor at a time (lazy mode, the shards memory-mapped), and
+`write_safetensors` writes each as it is made: new memory is one tensor at a time, beside the mapped
+shards' pages (CoAtNet-7's fp32 export: 9.8 GB). BatchNorm buffers come from rank 0's file;
 the trainer averages them over ranks before every save (`pretrain.checkpoint.average_batchnorm_stats`),
 so they describe the data of all ranks.
 
@@ -19,8 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -61,20 +65,86 @@ def resolve_checkpoint(path: Path) -> Path:
     raise FileNotFoundError(f"{path}: holds no committed checkpoint (step_*/{MANIFEST})")
 
 
-def consolidated_state_dict(tag_dir: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """Whole tensors (parameters from the fp32 master shards, buffers from rank 0) in `dtype`.
+@dataclass(frozen=True)
+class LazyTensor:
+    """One whole tensor of a checkpoint, made on demand: its name, shape and (output) dtype are known
+    before its bytes are."""
 
-    Integer buffers (BatchNorm's num_batches_tracked) keep their dtype.
-    """
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    make: Callable[[], torch.Tensor]
+
+
+def consolidated_tensors(tag_dir: Path, dtype: torch.dtype = torch.float32) -> list[LazyTensor]:
+    """Every tensor of the model in its order, as `LazyTensor`s in `dtype` (parameters from the fp32
+    master shards, buffers from rank 0; integer buffers keep their dtype).
+
+    DeepSpeed's lazy mode maps the optimizer shards (mmap) and merges one tensor's slices when asked, so
+    only the tensor being made is new memory; the mapped shards are page cache."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     lazy = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True)
-    out = {}
-    for name, value in lazy.items():
-        tensor = value.contiguous() if not isinstance(value, torch.Tensor) else value
-        tensor = tensor.to(dtype) if tensor.is_floating_point() else tensor
-        out[name] = tensor.contiguous().clone()  # own storage: safetensors refuses shared tensors
-    return out
+
+    def entry(name: str, value) -> LazyTensor:
+        out = dtype if value.dtype.is_floating_point else value.dtype
+
+        def make() -> torch.Tensor:
+            tensor = value if isinstance(value, torch.Tensor) else value.contiguous()
+            return tensor.to(out).contiguous()
+
+        return LazyTensor(name, tuple(value.shape), out, make)
+
+    return [entry(name, value) for name, value in lazy.items()]
+
+
+def consolidated_state_dict(tag_dir: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """All of `consolidated_tensors` at once, each in its own storage (for comparisons in memory)."""
+    return {t.name: t.make().clone() for t in consolidated_tensors(tag_dir, dtype)}
+
+
+# safetensors' dtype names (the format: 8-byte little-endian header length, a JSON header of
+# {name: {dtype, shape, data_offsets}} padded with spaces to 8 bytes, then the tensors' raw bytes).
+SAFETENSORS_DTYPES = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float64: "F64",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def write_safetensors(path: Path, tensors: list[LazyTensor], metadata: dict[str, str]) -> None:
+    """Write a safetensors file one tensor at a time: the header from the shapes and dtypes, then each
+    tensor's bytes as it is made. New memory is one tensor, not the model (safetensors' own `save_file`
+    takes a dict of all of them: a second copy of the model at export)."""
+    header: dict[str, object] = {"__metadata__": metadata}
+    offset = 0
+    for t in tensors:
+        size = math.prod(t.shape) * t.dtype.itemsize
+        header[t.name] = {
+            "dtype": SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with path.open("wb") as out:
+        out.write(len(raw).to_bytes(8, "little"))
+        out.write(raw)
+        for t in tensors:
+            made = t.make()
+            if tuple(made.shape) != t.shape or made.dtype != t.dtype:
+                raise RuntimeError(
+                    f"{t.name}: made {made.dtype} {tuple(made.shape)}, expected {t.dtype} {t.shape}"
+                )
+            out.write(made.reshape(-1).view(torch.uint8).numpy().data)
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def sidecar(tag_dir: Path, dtype_name: str, num_tensors: int) -> dict:
@@ -109,8 +179,6 @@ def export(
     An existing `out` is replaced only with `force`; the weights are written under a temporary name that
     is removed whatever happens, and renamed into place only when complete.
     """
-    from safetensors.torch import save_file
-
     if out.is_dir():
         raise ValueError(f"{out}: is a folder; give the path of the .safetensors file to write")
     if out.suffix != ".safetensors":
@@ -126,13 +194,13 @@ def export(
         bad = checksum_mismatches(tag_dir)
         if bad:
             raise ValueError(f"{tag_dir}: {', '.join(bad)} fail their checksums in {MANIFEST}")
-    tensors = consolidated_state_dict(tag_dir, DTYPES[dtype_name])
+    tensors = list(consolidated_tensors(tag_dir, DTYPES[dtype_name]))
     info = sidecar(tag_dir, dtype_name, len(tensors))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     header = {"model": info["model"]["name"], "step": str(info["step"]), "sidecar": sidecar_path(out).name}
     try:
-        save_file(tensors, str(tmp), metadata=header)
+        write_safetensors(tmp, tensors, header)
         os.chmod(tmp, 0o666 & ~_umask())  # safetensors leaves 0600; exports are for sharing
         sidecar_path(out).write_text(json.dumps(info, indent=1) + "\n")
         tmp.replace(out)  # never a half-written OUT under its final name

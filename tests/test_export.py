@@ -183,3 +183,37 @@ def _probe_main(out_dir: str, overrides: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(_probe_main(sys.argv[1], sys.argv[2:]))
+
+
+def test_streamed_safetensors_file_reads_back_exactly_with_safetensors(tmp_path: Path) -> None:
+    """`write_safetensors` (one tensor in memory at a time) against the safetensors library's reader:
+    every dtype the export writes, a 0-dim buffer, the metadata, lazy slices."""
+    from safetensors import safe_open
+
+    from pretrain.export import LazyTensor, write_safetensors
+
+    gen = torch.Generator().manual_seed(0)
+    state = {
+        "stem.weight": torch.randn(8, 3, 3, 3, generator=gen),
+        "blocks.0.attn.relative_position_bias_table": torch.randn(4, 13, 13, generator=gen).bfloat16(),
+        "norm.num_batches_tracked": torch.tensor(17),
+        "head.fc.bias": torch.randn(5, generator=gen),
+    }
+    made = []
+
+    def lazy(name: str, value: torch.Tensor) -> LazyTensor:
+        def make() -> torch.Tensor:
+            made.append(name)
+            return value.clone()
+
+        return LazyTensor(name, tuple(value.shape), value.dtype, make)
+
+    out = tmp_path / "w.safetensors"
+    write_safetensors(out, [lazy(k, v) for k, v in state.items()], {"model": "coatnet_0", "step": "3"})
+    assert made == list(state)  # each tensor made once, in order
+    assert load_file(str(out)).keys() == state.keys()
+    for name, value in load_file(str(out)).items():
+        assert value.dtype == state[name].dtype and torch.equal(value, state[name]), name
+    with safe_open(str(out), framework="pt") as f:
+        assert f.metadata() == {"model": "coatnet_0", "step": "3"}
+        assert torch.equal(f.get_slice("stem.weight")[2:4], state["stem.weight"][2:4])
