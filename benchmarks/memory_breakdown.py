@@ -8,7 +8,7 @@ Two ranks under torchrun (gloo, DeepSpeed's CPU accelerator), the trainer's own 
 (`pretrain.engine.build_model` under zero.Init, torch's fused AdamW from `pretrain.optim`, the DeepSpeed
 config of `pretrain.ds_config`), bf16, activation checkpointing, batch 1 at 64 px, synthetic images.
 For each phase (process set-up, model build, engine, two training steps split into forward / backward /
-optimizer step, a checkpoint save, a load), per rank:
+optimizer step, a checkpoint save, a load, the resume canary's forward and one more step), per rank:
 - resident memory after the phase, and the phase's own peak (VmHWM, reset before each phase through
   /proc/self/clear_refs);
 - what malloc holds in use (glibc mallinfo2: arena + mmapped bytes) -- resident minus that is memory the
@@ -139,7 +139,7 @@ def run_rank(args: argparse.Namespace) -> None:
     from pretrain import dist
     from pretrain.config import LossConfig, ModelConfig, OptimConfig, ScheduleConfig
     from pretrain.ds_config import deepspeed_config
-    from pretrain.engine import build_engine, build_model
+    from pretrain.engine import build_engine, build_model, untraced_forward
     from pretrain.losses import build_loss
     from pretrain.optim import build_optimizer, build_scheduler
     from pretrain.state import optimizer_moments
@@ -219,6 +219,18 @@ def run_rank(args: argparse.Namespace) -> None:
     engine.load_checkpoint(str(folder), tag="t")
     dist.barrier()
     mark("load_checkpoint", engine)
+    # What a resumed trainer does next: the canary's eval forward (untraced), then a training step.
+    engine.eval()
+    with torch.no_grad(), untraced_forward(engine):
+        engine(images)
+    engine.train()
+    mark("canary forward after load", engine)
+    loss = loss_fn(engine(images), labels)
+    mark("step 3 forward", engine)
+    engine.backward(loss)
+    mark("step 3 backward", engine)
+    engine.step()
+    mark("step 3 optimizer step", engine)
     every = dist.all_gather_object(phases)
     if info.is_main:
         Path(args.result).write_text(json.dumps(every))
