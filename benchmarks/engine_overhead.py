@@ -29,9 +29,9 @@ figure per configuration is the median step time (for ZeRO-3, each step's slowes
 
 By default `engine.param_persistence_threshold` is 0 so that every parameter of this small model is
 partitioned, as nearly all of CoAtNet-5..7's are (DeepSpeed's default 1e5 elements would keep most of a
-small model's tensors whole and hide the gather cost). Blocks are gathered as units as in the trainer
-(`engine.gather_unit_elements`, `pretrain.engine.zero3_gather_units`); `--gather-unit-elements 0` measures
-DeepSpeed's layer-by-layer gathers.
+small model's tensors whole and hide the gather cost). `--gather-unit-elements 150000000` gathers each
+block as one unit (`engine.gather_unit_elements`, `pretrain.engine.zero3_gather_units`; off by default
+in the trainer, and so here).
 """
 
 from __future__ import annotations

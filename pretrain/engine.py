@@ -120,10 +120,12 @@ def zero3_gather_units(model: torch.nn.Module, max_elements: int) -> list[str]:
     stages: a checkpointed block's recompute in the backward then runs before the stage's backward
     gather (measured: empty parameters); not the stem, whose input needs no gradient: DeepSpeed's
     backward gather of a leaf does not happen before its recompute there (the same error). On 2 CPU ranks (benchmarks/engine_overhead.py, CoAtNet-0
-    small): ZeRO-3's step time 2.2x a plain process's per layer, 1.5x with blocks as units. The cap
-    (engine.gather_unit_elements, 150M elements = 300 MB in bf16) bounds what one unit holds gathered;
-    every block of CoAtNet-0..7 is below it (the largest, CoAtNet-7's last stage: 113M). Names as in
-    `named_modules`."""
+    small): ZeRO-3's median step 0.124 s layer by layer, 0.093 s with blocks as units. The cap
+    (engine.gather_unit_elements; 150M elements = 300 MB in bf16 covers every block of CoAtNet-0..7, the
+    largest being CoAtNet-7's last stage's 113M) bounds what one unit holds gathered. Off by default: in
+    the trainer at CoAtNet-5's widths on 2 ranks the losses differ from layer-by-layer ones from the first
+    step (5th digit), while the same engine's forward outside the trainer and the smoke model's training
+    are bitwise equal; not understood yet. Names as in `named_modules`."""
     return [
         f"stages.{i}.blocks.{j}"
         for i, stage in enumerate(getattr(model, "stages", []))

@@ -722,8 +722,12 @@ def format_plan(plan: Plan) -> str:
         "ZeRO-3 partitioning (rule: pretrain.engine.zero3_gather_units)",
         f"  kept whole on every rank     {_count(p.persistent_params)} params in {p.persistent_tensors} tensors "
         "(below engine.param_persistence_threshold)",
-        f"  gather units                 {p.gather_units} blocks of <= engine.gather_unit_elements, largest "
-        f"{_count(p.largest_unit_params)} (one all-gather each; other layers one by one)",
+        (
+            f"  gather units                 {p.gather_units} blocks of <= engine.gather_unit_elements, largest "
+            f"{_count(p.largest_unit_params)} (one all-gather each; other layers one by one)"
+            if p.gather_units
+            else "  gather units                 none: layer by layer (engine.gather_unit_elements=0)"
+        ),
         f"  modules with gather hooks    {p.hooked_modules} (layer by layer: {p.hooked_modules_per_layer})",
         "",
         "speed",

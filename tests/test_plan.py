@@ -298,11 +298,15 @@ def test_speed_and_traffic_follow_macs_peak_and_mfu(c7_plan):
     assert p.images_per_second == pytest.approx(4096 / p.step_seconds)
     whole = p.profile.persistent_params
     assert 0 < whole < p.profile.params / 100
-    # The gather-unit rule: every block but the stem, up to engine.gather_unit_elements (150M).
-    assert p.profile.gather_units == 2 + 4 + 8 + 42 + 2  # CoAtNet-7: the blocks of S1-S5
-    assert 100e6 < p.profile.largest_unit_params <= 150_000_000  # S5's
-    assert p.profile.hooked_modules < p.profile.hooked_modules_per_layer / 3
-    assert f"gather units                 {p.profile.gather_units} blocks" in plan.format_plan(p)
+    assert p.profile.gather_units == 0 and p.profile.hooked_modules == p.profile.hooked_modules_per_layer
+    # The gather-unit rule: every block but the stem, up to engine.gather_unit_elements.
+    cfg = load_config(CONFIGS / "coatnet7_jft.yaml", ["engine.gather_unit_elements=150000000"])
+    units = plan.make_plan(cfg, H100, "coatnet7_jft.yaml")
+    assert units.profile.gather_units == 2 + 4 + 8 + 42 + 2  # CoAtNet-7: the blocks of S1-S5
+    assert 100e6 < units.profile.largest_unit_params <= 150_000_000  # S5's
+    assert units.profile.hooked_modules < units.profile.hooked_modules_per_layer / 3
+    assert f"gather units                 {units.profile.gather_units} blocks" in plan.format_plan(units)
+    assert units.comm_bytes_per_step == p.comm_bytes_per_step  # units change collectives, not bytes
     traffic = (3 * 2 * (p.profile.params - whole) + 2 * 2 * whole) * 63 / 64
     assert p.comm_bytes_per_step == pytest.approx(traffic, rel=1e-9)
     assert p.peak[False] <= H100.gpu_memory  # the recipe's own choice fits
