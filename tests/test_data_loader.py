@@ -110,6 +110,11 @@ def test_index_files_of_a_killed_rank_are_removed_by_the_next_loader(digit_wds, 
     """SIGKILL skips `close`: the index folder stays until the next loader on the host removes it, and a
     live loader's folder is never touched."""
     cache = tmp_path / "index"
+
+    def loader(rank: int, world_size: int):
+        cfg = make_cfg(digit_wds["train"], index_cache=str(cache))
+        return build_train_loader(cfg, image_size=SIZE, rank=rank, world_size=world_size, seed=1, device=CPU)
+
     proc = subprocess.Popen(
         [sys.executable, "-c", KILLED_SCRIPT, str(digit_wds["train"]), str(cache)],
         stdout=subprocess.PIPE,
@@ -120,25 +125,11 @@ def test_index_files_of_a_killed_rank_are_removed_by_the_next_loader(digit_wds, 
         assert proc.stdout.readline().strip() == "READY", proc.stdout.read()
         (orphan,) = cache.iterdir()
         assert any(orphan.rglob("*.idx"))
-        live = build_train_loader(
-            make_cfg(digit_wds["train"], index_cache=str(cache)),
-            image_size=SIZE,
-            rank=0,
-            world_size=1,
-            seed=1,
-            device=CPU,
-        )
+        live = loader(rank=0, world_size=1)
         assert orphan.exists(), "the folder of a live process was removed"
         proc.kill()
         proc.wait(timeout=30)
-        other = build_train_loader(
-            make_cfg(digit_wds["train"], index_cache=str(cache)),
-            image_size=SIZE,
-            rank=1,
-            world_size=2,
-            seed=1,
-            device=CPU,
-        )
+        other = loader(rank=1, world_size=2)
         assert not orphan.exists()
         assert len(list(cache.iterdir())) == 2  # the two live loaders' folders
         live.close()
