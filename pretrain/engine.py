@@ -106,10 +106,6 @@ def build_engine(
     return engine
 
 
-def _elements(module: torch.nn.Module) -> int:
-    return sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters())
-
-
 def zero3_gather_units(model: torch.nn.Module, max_elements: int) -> list[str]:
     """Blocks ZeRO-3 gathers in one go (DeepSpeed "leaf" modules: one all-gather of all their parameters
     at entry, no hooks below): every block of at most `max_elements` parameter elements; larger blocks
@@ -119,8 +115,8 @@ def zero3_gather_units(model: torch.nn.Module, max_elements: int) -> list[str]:
     unit activation checkpointing recomputes, so its parameters are needed together anyway. Not whole
     stages: a checkpointed block's recompute in the backward then runs before the stage's backward
     gather (measured: empty parameters); not the stem, whose input needs no gradient: DeepSpeed's
-    backward gather of a leaf does not happen before its recompute there (the same error). On 2 CPU ranks (benchmarks/engine_overhead.py, CoAtNet-0
-    small): ZeRO-3's median step 0.124 s layer by layer, 0.093 s with blocks as units. The cap
+    backward gather of a leaf does not happen before its recompute there (the same error). On 2 CPU
+    ranks (benchmarks/engine_overhead.py, CoAtNet-0 small): ZeRO-3's median step 0.124 s layer by layer, 0.093 s with blocks as units. The cap
     (engine.gather_unit_elements; 150M elements = 300 MB in bf16 covers every block of CoAtNet-0..7, the
     largest being CoAtNet-7's last stage's 113M) bounds what one unit holds gathered. Off by default: in
     the trainer at CoAtNet-5's widths on 2 ranks the losses differ from layer-by-layer ones from the first
@@ -131,7 +127,7 @@ def zero3_gather_units(model: torch.nn.Module, max_elements: int) -> list[str]:
         for i, stage in enumerate(getattr(model, "stages", []))
         if stage.kind != "stem"
         for j, block in enumerate(stage.blocks)
-        if _elements(block) <= max_elements
+        if full_parameter_count(block) <= max_elements
     ]
 
 
