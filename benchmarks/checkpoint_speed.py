@@ -1,13 +1,19 @@
 """Checkpoint save/load GB/s against a plain sequential write/read of the same bytes on the same disk.
 
 One real ZeRO-3 engine (bf16, torch AdamW with its moments after one step, the trainer's own builders)
-saves through `CheckpointManager.save`, whose phases are timed: DeepSpeed's per-rank files (write),
-each rank's fsync + digest of its own files (seal), manifest + pointer + prune (commit); then it loads
-with `engine.load_checkpoint`. The baseline writes each rank's share of the same number of bytes as one
-file in 64 MiB blocks and reads it back, in the same iteration (the machine's load drifts). Like for
-like: DeepSpeed's write (torch.save, no fsync) against the plain write; the whole committed save
-(durable: fsynced) against the plain write + fsync. Reads come from the page cache when the machine
-has the memory for it (said in the output).
+saves through `CheckpointManager.save` twice per iteration, side by side:
+- synchronously (checkpoint.async_save=false), phases timed: DeepSpeed's per-rank files (write), each
+  rank's fsync + digest of its own files (seal), gather + manifest + pointer + prune (commit);
+- async (the default): the seconds until `save` returns (what training is blocked for: DeepSpeed's
+  state gathering and the copy into host memory), then until the background write is committed
+  (`finish`, nothing else running meanwhile).
+Then it loads with `engine.load_checkpoint`. The baseline writes each rank's share of the same number of
+bytes as one file in 64 MiB blocks and reads it back, in the same iteration (the machine's load drifts).
+Like for like: DeepSpeed's write (torch.save, no fsync) against the plain write; the whole committed save
+(durable: fsynced) against the plain write + fsync; the async save's blocked seconds against the
+synchronous save's. One untimed save of each kind first (DeepSpeed's first-save set-up, the host
+buffers' pages: what a run pays once). Reads come from the page cache when the machine has the memory
+for it (said in the output).
 
 Usage: python benchmarks/checkpoint_speed.py [--model coatnet_1] [--image-size 224] [--dir DIR] [--repeat 3]
    or: torchrun --nproc_per_node 2 benchmarks/checkpoint_speed.py ...   (every rank writes its share)
@@ -109,16 +115,23 @@ def main() -> None:
     root = args.dir or Path(tempfile.mkdtemp(prefix="ckpt-bench-"))
     root = Path(dist.broadcast_object(str(root)))
     engine, params = build(args.model, args.image_size, info)
-    manager = CheckpointManager(CheckpointConfig(keep_last=1), root / "managed", info)
+    sync = CheckpointManager(CheckpointConfig(keep_last=1, async_save=False), root / "sync", info)
+    background = CheckpointManager(CheckpointConfig(keep_last=1, async_save=True), root / "async", info)
+    for manager in (sync, background):  # untimed: DeepSpeed's first-save set-up, the host buffers' pages
+        manager.save(engine, 0, {}, meta={})
 
-    keys = ("write", "seal", "commit", "managed", "load", "plain", "fsync", "read")
+    keys = ("write", "seal", "commit", "managed", "blocked", "async", "load", "plain", "fsync", "read")
     rows: dict[str, list[float]] = {k: [] for k in keys}
     total = 0
-    for i in range(args.repeat):
-        rows["managed"].append(timed(lambda: manager.save(engine, i + 1, {}, meta={})))  # noqa: B023
+    for i in range(1, args.repeat + 1):
+        saved = []
+        rows["managed"].append(timed(lambda: saved.append(sync.save(engine, i, {}, meta={}))))  # noqa: B023
         for phase in ("write", "seal", "commit"):  # slowest rank per phase
-            rows[phase].append(float(dist.all_reduce_max(torch.tensor([manager.last_timings[phase]]))))
-        tag = root / "managed" / tag_for(i + 1)
+            rows[phase].append(float(dist.all_reduce_max(torch.tensor([saved[0].timings[phase]]))))
+        # Async: what training waits for (save returns), then the background write to the commit.
+        rows["blocked"].append(timed(lambda: background.save(engine, i, {}, meta={}, wait=False)))  # noqa: B023
+        rows["async"].append(rows["blocked"][-1] + timed(background.finish))
+        tag = root / "sync" / tag_for(i)
         rows["load"].append(timed(lambda: engine.load_checkpoint(str(tag.parent), tag=tag.name)))  # noqa: B023
         total = folder_bytes(tag)
         mine = total // info.world_size  # every rank writes its share, as DeepSpeed's ranks do
@@ -136,19 +149,25 @@ def main() -> None:
             f"checkpoint {gb:.2f} GB in {root} ({mem:.0f} GB RAM: reads likely from the page cache); "
             f"median of {args.repeat}"
         )
-        print(f"  committed save                       {rate['managed']:6.2f} GB/s   (seconds per phase:")
+        blocked, sync_s = statistics.median(rows["blocked"]), statistics.median(rows["managed"])
+        print(f"  committed save, synchronous          {rate['managed']:6.2f} GB/s   (seconds per phase:")
         print(
             f"     write {statistics.median(rows['write']):.2f}, seal {statistics.median(rows['seal']):.2f}, "
             f"commit {statistics.median(rows['commit']):.2f}; DeepSpeed's write alone {rate['write']:.2f} GB/s)"
+        )
+        print(
+            f"  committed save, async                {rate['async']:6.2f} GB/s   (training blocked "
+            f"{blocked:.2f} s, committed {statistics.median(rows['async']):.2f} s after the save began)"
         )
         print(f"  load (engine.load_checkpoint)        {rate['load']:6.2f} GB/s")
         print(f"  plain sequential write               {rate['plain']:6.2f} GB/s")
         print(f"  plain sequential write + fsync       {rate['fsync']:6.2f} GB/s")
         print(f"  plain sequential read                {rate['read']:6.2f} GB/s")
         print(
-            f"  ratio: DeepSpeed write / plain write {rate['write'] / rate['plain']:.2f}; committed save / "
-            f"plain write + fsync {rate['managed'] / rate['fsync']:.2f}; load / plain read "
-            f"{rate['load'] / rate['read']:.2f}"
+            f"  ratio: training blocked by an async save / by a synchronous one {blocked / sync_s:.2f}; "
+            f"committed save / plain write + fsync: async {rate['async'] / rate['fsync']:.2f}, synchronous "
+            f"{rate['managed'] / rate['fsync']:.2f}; DeepSpeed write / plain write "
+            f"{rate['write'] / rate['plain']:.2f}; load / plain read {rate['load'] / rate['read']:.2f}"
         )
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -9,13 +9,21 @@ Layout under the checkpoint folder:
                                at another world size (its own MANIFEST.json; atomic rename when done)
     step_000000500.corrupt-... a checkpoint that failed verification, set aside by an automatic resume
     step_000002000/ ...
+    .step_000000500.pruned     a checkpoint retention let go, renamed out of the resume path and being
+                               deleted by a thread (a leftover of a killed job goes at the next prune)
     LATEST                     name of the newest committed tag (atomic rename; for people and tools)
 
-Save protocol (all ranks): DeepSpeed writes every rank's shards (ending with a barrier); each rank
-fsyncs and hashes the files it wrote (in parallel threads); rank 0 gathers the entries, fsyncs the
-folder, writes MANIFEST.json to a temporary name, fsyncs it and renames it into place (the commit
-point), then replaces LATEST the same way, then prunes. A committed checkpoint is on stable storage.
-A rank killed anywhere before the rename leaves a folder without a manifest, which resume ignores.
+Save protocol (all ranks): DeepSpeed hands each rank's shards to its checkpoint engine (ending with a
+barrier). With `checkpoint.async_save` (pretrain.async_save) they are serialized into host memory and
+training goes on while a background thread writes each file, digests it from memory and fsyncs it;
+without, DeepSpeed writes the files and each rank fsyncs and digests them from the page cache. Either way
+every rank ends with the manifest entries of the files it wrote; then, on the training thread (at the
+first `poll()` after every rank finished, or at once for a synchronous save), rank 0 gathers the entries,
+fsyncs the folder, writes MANIFEST.json to a temporary name, fsyncs it and renames it into place (the
+commit point), then replaces LATEST the same way, then prunes. A committed checkpoint is on stable
+storage. A rank killed anywhere before the rename, the background write included, leaves a folder without
+a manifest, which resume ignores: the previous checkpoint stays the one to resume. At most one save is in
+flight; stop and final saves wait for their commit before the job exits.
 The source of truth is the set of folders with a manifest, not LATEST: a kill between the manifest
 rename and the LATEST rename leaves a committed checkpoint that resume finds.
 
@@ -75,13 +83,19 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pretrain import dist, signing
 from pretrain.config import CheckpointConfig
+
+if TYPE_CHECKING:
+    from pretrain.async_save import BackgroundWrite, HostBuffer
 
 log = logging.getLogger(__name__)
 
@@ -89,17 +103,21 @@ MANIFEST = "MANIFEST.json"
 POINTER = "LATEST"
 TAG_RE = re.compile(r"^step_(\d{9})$")
 UNIVERSAL_SUFFIX = "_universal"
+PRUNED_SUFFIX = ".pruned"  # `.step_N.pruned`: out of the resume path, being deleted
 # Per-file digest in the manifest (see file_digest).
 HASH_KEY, HASH_CHUNK = "sha256_16mib_chunks", 16 << 20
 RANK_FILE_RE = re.compile(r"zero_pp_rank_(\d+)_")
 
 FAULT_ENV = "COATNET_CHECKPOINT_FAULT"
-# Points inside `CheckpointManager.save`, in the order they are reached:
-#   written      every rank's DeepSpeed files are on disk, nothing hashed, no manifest
-#   hashed       this rank fsynced and digested the files it wrote; rank 0 waits for it in the gather
+# Points of a save, in the order they are reached:
+#   written      DeepSpeed's save_checkpoint returned: the files are on disk (synchronous) or in host
+#                memory (async), nothing hashed, no manifest
+#   writing      this rank's first file is written, the rest not yet: under async saves this is the
+#                background thread, while the training thread runs the next steps
+#   hashed       this rank's files are durable and digested; rank 0 waits for it in the gather
 #   manifest_tmp rank 0 wrote and fsynced the manifest under a temporary name, not yet renamed
 #   committed    rank 0 renamed the manifest into place (committed), LATEST still names the previous one
-FAULT_POINTS = ("written", "hashed", "manifest_tmp", "committed")
+FAULT_POINTS = ("written", "writing", "hashed", "manifest_tmp", "committed")
 
 
 def tag_for(step: int) -> str:
@@ -213,63 +231,191 @@ class SaveFailed(OSError):
     """A checkpoint could not be written (disk full, I/O error); nothing committed was touched."""
 
 
+@dataclass(frozen=True)
+class Saved:
+    """A committed save: its folder, its step, and this rank's seconds per phase.
+
+    `timings`: blocked (what the training thread waited for in `save`), write (DeepSpeed's part of it:
+    its files written, or serialized into host memory under async saves), seal (this rank's files
+    written from host memory when async, fsynced and digested), commit (gather, manifest, pointer,
+    prune). `seconds`: from the start of `save` to the commit, training steps in between included.
+    """
+
+    step: int
+    path: Path
+    timings: dict[str, float]
+    seconds: float
+    steps_later: int  # how many `poll` calls (training steps) after its save it committed: 0 when waited
+
+
+@dataclass
+class _InFlight:
+    step: int
+    tag_dir: Path
+    meta: dict
+    needed: int
+    job: BackgroundWrite
+    started: float
+    timings: dict[str, float]
+    polls: int = 0
+
+
 class CheckpointManager:
-    """Saves, selects and loads committed checkpoints; every rank calls every method (they are collective)."""
+    """Saves, selects and loads committed checkpoints; every rank calls every method (they are collective).
+
+    With `checkpoint.async_save` a save returns once the state is in host memory and its files are
+    written in the background; `poll()`, called by every rank after every training step, commits it as
+    soon as every rank's files are durable. At most one save is in flight: the next `save` and `finish()`
+    wait for it. `on_commit` (when set) hears of every commit, however it came about.
+    """
 
     def __init__(self, cfg: CheckpointConfig, root: Path, info: dist.RankInfo):
         self.cfg = cfg
         self.root = root
         self.info = info
-        self.last_timings: dict[str, float] = {}
+        self.on_commit: Callable[[Saved], None] | None = None
         self._last_committed: int | None = None  # the step this job saved or resumed from last
+        self._in_flight: _InFlight | None = None
+        self._deleting: threading.Thread | None = None  # retention's deletions (rank 0)
 
     # ------------------------------------------------------------------------------------------ save
 
     def holds(self, step: int) -> bool:
-        """Whether this job already committed (or resumed from) the checkpoint of `step`; same on every rank."""
-        return step == self._last_committed
+        """Whether this job already committed (or resumed from, or is writing) the checkpoint of `step`;
+        the same on every rank."""
+        return step == self._last_committed or (self._in_flight is not None and self._in_flight.step == step)
 
-    def save(self, engine, step: int, client_state: dict, meta: dict | None = None) -> Path | None:
-        """Write, seal, commit and prune. `meta` (JSON) goes into the manifest. Returns the committed folder,
-        or None when this job already holds the checkpoint of `step` (a stop request or the end right after
-        a periodic save): the same answer on every rank, from memory, not from a racy filesystem.
+    @property
+    def in_flight(self) -> int | None:
+        """The step of the save being written in the background, if any."""
+        return self._in_flight.step if self._in_flight else None
 
-        `last_timings` then holds this rank's seconds per phase: write (DeepSpeed's files, all ranks),
-        seal (fsync + digest of its own files), commit (gather, manifest, pointer, prune, final barrier).
+    def save(
+        self, engine, step: int, client_state: dict, meta: dict | None = None, wait: bool = True
+    ) -> Saved | None:
+        """Checkpoint `step`: write, seal, commit and prune. `meta` (JSON) goes into the manifest.
+
+        `wait=False` with `checkpoint.async_save`: returns None once the state is in host memory; the
+        commit comes from a later `poll()` or `finish()`. Otherwise returns the commit. Returns None
+        at once when this job already holds the checkpoint of `step` (a stop request or the end right
+        after a periodic save): the same answer on every rank, from memory, not from a racy filesystem.
         """
-        self.last_timings = {}
+        self.finish()  # one save at a time: its buffers are the ones this save fills
         if self.holds(step):
             return None
+        started = time.perf_counter()
         tag = tag_for(step)
         tag_dir = self.root / tag
         # Rank 0 clears debris and checks free space; also the barrier before anyone writes.
-        needed = dist.leader_decides(lambda: self._prepare(tag_dir))
-        t0 = time.perf_counter()
+        needed = dist.leader_decides(lambda: self._prepare(tag_dir)) or _estimate_bytes(engine)
+        from pretrain import async_save  # imports DeepSpeed: only where a save runs
+
+        job = async_save.BackgroundWrite(lambda files: self._write_and_seal(tag_dir, files))
+        writer = (
+            async_save.writer_for(engine, self.cfg.async_save, wait, job.add)
+            if _is_deepspeed(engine)
+            else None
+        )
+        background = writer is not None and not writer.direct
+        if background:
+            job.start()  # writes each file as soon as DeepSpeed hands it over
         try:
             engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
-            _fault_point("written", self.info.rank)
-            t1 = time.perf_counter()
-            mine = [p for p in _files_of(tag_dir) if _owner_rank(p.name) == self.info.rank]
-            entries = _seal(tag_dir, mine)
         except (OSError, RuntimeError) as exc:
+            job.close()
+            job.result()  # the writer thread is done with the folder
             if not _is_write_failure(exc):
                 raise
             # Raised at once, without waiting for the other ranks: a rank that waits in a collective here
             # would hold the job until the timeout, while this process's exit ends it in seconds (the
             # launcher, or srun --kill-on-bad-exit, stops the rest).
-            raise self._write_failed(tag_dir, exc, needed or _estimate_bytes(engine)) from exc
+            raise self._write_failed(tag_dir, exc, needed) from exc
+        job.close()
+        if writer is not None:
+            writer.sink = None  # a save outside this manager goes to disk as DeepSpeed's would
+        _fault_point("written", self.info.rank)
+        timings = {"write": time.perf_counter() - started}
+        self._in_flight = _InFlight(step, tag_dir, meta or {}, needed, job, started, timings)
+        if not background:
+            job.run_here()  # fsync and digest what DeepSpeed wrote
+        timings["blocked"] = time.perf_counter() - started
+        return None if background and not wait else self.finish()
+
+    def poll(self) -> Saved | None:
+        """Commit the save in flight if every rank has finished writing it (collective: every rank calls it
+        at the same steps). A host-device sync point on GPUs while a save is in flight; free otherwise."""
+        if self._in_flight is None:
+            return None
+        self._in_flight.polls += 1
+        if dist.any_rank(not self._in_flight.job.done()):
+            return None
+        return self.finish()
+
+    def finish(self) -> Saved | None:
+        """Wait for the save in flight and commit it (collective); None when there is none.
+
+        Raises SaveFailed on every rank when any rank's background write failed (the partial folder is
+        removed; the previous checkpoint stays the one to resume)."""
+        flight, self._in_flight = self._in_flight, None
+        if flight is None:
+            return None
+        entries, error = flight.job.result()
+        if dist.any_rank(error is not None):  # every rank stops here together, whichever failed
+            if error is not None and not _is_write_failure(error):
+                raise error  # a bug, not the disk
+            if error is not None:
+                raise self._write_failed(flight.tag_dir, error, flight.needed) from error
+            shutil.rmtree(flight.tag_dir, ignore_errors=True)
+            free = shutil.disk_usage(self.root).free if self.root.exists() else 0
+            raise SaveFailed(
+                f"checkpoint.dir {self.root}: writing the checkpoint {flight.tag_dir.name} failed on another "
+                f"rank (its log says why): it needs about {flight.needed} bytes and {free} are free"
+            )
         _fault_point("hashed", self.info.rank)
-        t2 = time.perf_counter()
+        t0 = time.perf_counter()
         gathered = dist.all_gather_object(entries)
-        dist.leader_decides(lambda: self._commit(tag_dir, step, gathered, meta or {}))
-        self._last_committed = step
-        self.last_timings = {"write": t1 - t0, "seal": t2 - t1, "commit": time.perf_counter() - t2}
-        return tag_dir
+        dist.leader_decides(lambda: self._commit(flight.tag_dir, flight.step, gathered, flight.meta))
+        self._last_committed = flight.step
+        timings = {**flight.timings, "seal": flight.job.seconds, "commit": time.perf_counter() - t0}
+        saved = Saved(
+            flight.step, flight.tag_dir, timings, time.perf_counter() - flight.started, flight.polls
+        )
+        if self.on_commit is not None:
+            self.on_commit(saved)
+        return saved
+
+    def _write_and_seal(self, tag_dir: Path, buffered: Iterable[tuple[Path, HostBuffer]]) -> dict:
+        """This rank's files on stable storage, and their manifest entries (runs on the writer thread
+        under async saves: no collective here).
+
+        `buffered`: files serialized into host memory, written now and digested from memory. Files
+        DeepSpeed wrote itself (a synchronous save; the recovery script rank 0 copies) are fsynced and
+        digested from the page cache. Files that belong to no rank (none under ZeRO-3) go to rank 0.
+        """
+        from pretrain.async_save import write_file
+
+        entries = {}
+        with _hash_pool(io_threads=1) as pool:
+            for n, (path, buf) in enumerate(buffered):
+                with buf.view() as data:
+                    size, digest = write_file(path, data, HASH_CHUNK, pool)
+                entries[str(path.relative_to(tag_dir))] = {"bytes": size, HASH_KEY: digest}
+                if n == 0:
+                    _fault_point("writing", self.info.rank)
+            rest = [
+                p
+                for p in _files_of(tag_dir)
+                if _owner_rank(p.name) == self.info.rank and str(p.relative_to(tag_dir)) not in entries
+            ]
+        if not entries:
+            _fault_point("writing", self.info.rank)
+        return {**entries, **_seal(tag_dir, rest)}
 
     def _prepare(self, tag_dir: Path) -> int | None:
         """Rank 0 before a save: clear the folder of `tag_dir`, check free space. Returns the bytes this save
         is expected to write (the newest committed checkpoint's size; None before the first one)."""
         self.root.mkdir(parents=True, exist_ok=True)
+        self.close()  # the space retention frees counts below
         if (tag_dir / MANIFEST).exists():
             # A committed checkpoint of a step this job redoes (resumed on purpose from an earlier one):
             # kept for a person, out of the resume path.
@@ -320,27 +466,58 @@ class CheckpointManager:
     def _prune(self, keep: int) -> None:
         """Delete what retention lets go, after a commit only. Never the checkpoint just committed (`keep`,
         the newest verified one), never a folder without a manifest at or after the newest commit (a save
-        in flight)."""
+        in flight). Each folder is renamed out of the resume path at once (hidden, `PRUNED_SUFFIX`) and
+        deleted by a thread: deleting tens of GB takes seconds the training thread need not wait for."""
         committed = self.committed()
         keep_steps = {c.step for c in committed[: self.cfg.keep_last]} | {keep}
         if self.cfg.keep_every:
             keep_steps |= {c.step for c in committed if c.step % self.cfg.keep_every == 0}
-        for c in committed:
-            if c.step not in keep_steps:
-                shutil.rmtree(c.path, ignore_errors=True)
+        doomed = [c.path for c in committed if c.step not in keep_steps]
         newest = committed[0].step if committed else keep
         for path in self.root.iterdir():
-            if path.name.startswith(".") and UNIVERSAL_SUFFIX in path.name:
-                shutil.rmtree(path, ignore_errors=True)  # a conversion that died half-way
+            if path.name.startswith(".") and (
+                path.name.endswith(PRUNED_SUFFIX) or UNIVERSAL_SUFFIX in path.name
+            ):
+                doomed.append(path)  # a deletion or a conversion that died half-way
                 continue
             base = path.name.removesuffix(UNIVERSAL_SUFFIX)
             match = TAG_RE.match(base)
             if not match:
                 continue
             if path.name != base and not (self.root / base).is_dir():
-                shutil.rmtree(path, ignore_errors=True)  # universal form of a pruned checkpoint
+                doomed.append(path)  # universal form of a pruned checkpoint
             elif int(match.group(1)) < newest and not (path / MANIFEST).exists() and path.name == base:
-                shutil.rmtree(path, ignore_errors=True)  # abandoned partial save older than the newest commit
+                doomed.append(path)  # abandoned partial save older than the newest commit
+            elif path.name != base and base in {p.name for p in doomed}:
+                doomed.append(path)  # universal form of a checkpoint pruned just now
+        self._delete_in_background(doomed)
+
+    def _delete_in_background(self, folders: list[Path]) -> None:
+        aside = []
+        for folder in folders:
+            hidden = (
+                folder if folder.name.startswith(".") else folder.with_name(f".{folder.name}{PRUNED_SUFFIX}")
+            )
+            try:
+                if hidden != folder:
+                    os.replace(folder, hidden)
+                aside.append(hidden)
+            except OSError:
+                shutil.rmtree(folder, ignore_errors=True)
+        if aside:
+            self.close()  # one deletion thread at a time
+            self._deleting = threading.Thread(
+                target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in aside],
+                name="checkpoint-prune",
+                daemon=True,
+            )
+            self._deleting.start()
+
+    def close(self) -> None:
+        """Wait for retention's deletions to end (rank 0 runs them; the job's end, tests)."""
+        if self._deleting is not None:
+            self._deleting.join()
+            self._deleting = None
 
     # ------------------------------------------------------------------------------------------ find
 
@@ -549,9 +726,15 @@ def _is_write_failure(exc: BaseException) -> bool:
     return False
 
 
+def _is_deepspeed(engine) -> bool:
+    """A DeepSpeed engine (tests also save through small stand-ins that write their files themselves)."""
+    return hasattr(engine, "checkpoint_engine")
+
+
 def _estimate_bytes(engine) -> int:
     """Before the first checkpoint: ~16 bytes per parameter (fp32 master + 2 Adam moments + bf16 weights)."""
-    params = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+    module = getattr(engine, "module", None)
+    params = sum(getattr(p, "ds_numel", p.numel()) for p in module.parameters()) if module else 0
     return 16 * params
 
 

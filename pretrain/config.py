@@ -178,6 +178,12 @@ class EngineConfig:
 class CheckpointConfig:
     dir: str | None = doc("Checkpoint folder; null: <run folder>/checkpoints.", None)
     every_steps: int = doc("Steps between checkpoints (0: only on preemption and at the end).", 1000, min=0)
+    async_save: bool = doc(
+        "Periodic saves return once the state is in host memory and are written in the background, "
+        "committed a few steps later (stop and final saves still wait for the commit). Costs each rank "
+        "host memory of its share of the checkpoint (12-16 bytes per parameter / world size).",
+        True,
+    )
     keep_last: int = doc("Keep the newest K committed checkpoints.", 3, min=1)
     keep_every: int = doc(
         "Also keep every checkpoint whose step is a multiple of this for good (0: none).", 0, min=0

@@ -92,6 +92,10 @@ DEFAULT_CORES_PER_GPU = 14
 # A committed save (write, fsync, per-file SHA-256, manifest) runs at about half a plain write + fsync
 # of the same bytes (benchmarks/checkpoint_speed.py: 0.51).
 SAVE_EFFICIENCY = 0.5
+# GB/s at which one rank copies its checkpoint share into host memory during an async save (torch.save of
+# its GPU tensors into a host buffer: a device-to-host copy, then a copy into the buffer). A conservative
+# figure, not measured on a GPU here; the CPU twin serializes at 5-6 GB/s (benchmarks/checkpoint_speed.py).
+HOST_COPY_GBYTES = 3.0
 # The warning lead of cluster/pretrain.sbatch (#SBATCH --signal=B:USR1@N), read from that file when the
 # checkout has it; this value otherwise.
 SBATCH = Path(__file__).resolve().parents[1] / "cluster" / "pretrain.sbatch"
@@ -507,6 +511,8 @@ class Budgets:
     stop_latency_s: float  # from the warning signal to the save's start: stop-file poll + log_every steps
     warning_lead_s: float
     save_share: float  # of the run's time, blocked by periodic saves (0: none configured)
+    blocked_seconds: float = 0.0  # what a periodic save blocks training for (async: the host copy)
+    host_bytes_per_node: int = 0  # async saves' host buffers on one node (0: synchronous saves)
 
     @property
     def hw_oversubscribed(self) -> bool:
@@ -579,6 +585,8 @@ def budgets(
         per_rank * cluster.gpus_per_node / (cluster.node_write_gbytes * 1e9),
     )
     save_seconds = write / SAVE_EFFICIENCY
+    # Async: a periodic save blocks for the copy into host memory, the write runs beside the steps.
+    blocked = per_rank / (HOST_COPY_GBYTES * 1e9) if cfg.checkpoint.async_save else save_seconds
     every = cfg.checkpoint.every_steps
     return Budgets(
         images_s_per_gpu=per_gpu,
@@ -593,7 +601,9 @@ def budgets(
         save_seconds=save_seconds,
         stop_latency_s=cfg.run.stop_check_s + cfg.run.log_every * step_seconds,
         warning_lead_s=cluster.warning_lead_s,
-        save_share=save_seconds / (save_seconds + every * step_seconds) if every else 0.0,
+        save_share=blocked / (blocked + every * step_seconds) if every else 0.0,
+        blocked_seconds=blocked,
+        host_bytes_per_node=per_rank * cluster.gpus_per_node if cfg.checkpoint.async_save else 0,
     )
 
 
@@ -762,7 +772,13 @@ def format_budgets(b: Budgets, c: Cluster) -> list[str]:
         "(fp32 master + Adam m, v + EMA when on)",
         f"  save                         {b.save_seconds:10.1f} s   ({c.fs_gbytes:g} GB/s filesystem, "
         f"{c.node_write_gbytes:g} GB/s per node, commit at {SAVE_EFFICIENCY:g} of a plain write)",
-        f"  periodic saves block         {b.save_share:10.1%}   of the run",
+        f"  periodic saves block         {b.save_share:10.1%}   of the run ({b.blocked_seconds:.1f} s each; "
+        + (
+            f"async: host copy at {HOST_COPY_GBYTES:g} GB/s, then written beside the steps, "
+            f"{b.host_bytes_per_node / GIB:.1f} GiB host memory per node)"
+            if b.host_bytes_per_node
+            else "synchronous: checkpoint.async_save=false)"
+        ),
         f"  stop + save after warning    {b.stop_latency_s + b.save_seconds:10.1f} s   "
         f"(of Slurm's {b.warning_lead_s:.0f} s lead: {'fits' if b.stop_fits else 'DOES NOT FIT'})",
     ]

@@ -25,7 +25,7 @@ import torch
 from data_pipeline.loader import TrainLoader, build_eval_loader, build_train_loader
 from pretrain import dist
 from pretrain.card import model_card
-from pretrain.checkpoint import CheckpointManager, Committed, ResumePoint
+from pretrain.checkpoint import CheckpointManager, Committed, ResumePoint, Saved
 from pretrain.config import TrainConfig, redact_userinfo, resume_invariants
 from pretrain.configlib import ConfigError, dump_yaml, flatten, to_tree
 from pretrain.ds_config import deepspeed_config, grad_accum_steps
@@ -112,6 +112,7 @@ class Trainer:
         )
         self._loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self._loss_count = 0
+        self.checkpoints.on_commit = self._committed
         self._started = time.time()  # this job's start; earlier jobs' time is in state.elapsed_s
         self._elapsed_before = 0.0
 
@@ -247,8 +248,9 @@ class Trainer:
             if self.cfg.run.eval_every and step % self.cfg.run.eval_every == 0 and step < self.total_steps:
                 self._evaluate(step)
                 self.host_memory.now()
+            self.checkpoints.poll()  # commits a background save once every rank has written it
             if self.cfg.checkpoint.every_steps and step % self.cfg.checkpoint.every_steps == 0:
-                self._save(step)
+                self._save(step, wait=False)
             if self.preemption.should_stop(step):
                 self.state.preemptions += 1
                 self._save(step)
@@ -403,22 +405,37 @@ class Trainer:
 
     # ================================================================================================ state
 
-    def _save(self, step: int) -> None:
-        """Commit a checkpoint of `step` (collective) unless this job holds one already."""
+    def _save(self, step: int, wait: bool = True) -> None:
+        """Checkpoint `step` (collective) unless this job holds one already. `wait`: return only once it is
+        committed (stop and final saves); otherwise, with checkpoint.async_save, once the state is in host
+        memory (`poll` commits it later). A save in flight is committed first either way."""
+        if wait:
+            self.checkpoints.finish()
         if self.checkpoints.holds(step):
             return  # e.g. a stop request or the end right after a periodic save
         self.state.mlflow_run_id = self.tracker.run_id or self.state.mlflow_run_id
         self.state.elapsed_s = self._elapsed()
-        t0 = time.perf_counter()  # host-device sync point: the canary's loss and the state copies to the host
+        # Host-device sync point: the canary's loss and the state copies to the host.
         meta = {"resume_invariants": resume_invariants(self.cfg), "card": self._card()}
-        path = self.checkpoints.save(
-            self.engine, step, {"trainer": self.client.state_dict(self.engine)}, meta
-        )
-        self.run_dir.record_event("checkpoint", step=step)
-        phases = ", ".join(f"{k} {v:.1f} s" for k, v in self.checkpoints.last_timings.items())
-        log.info("checkpoint %s committed in %.1f s (%s)", path, time.perf_counter() - t0, phases)
-        self.tracker.log_metrics({"checkpoint_s": time.perf_counter() - t0}, step)
+        client = {"trainer": self.client.state_dict(self.engine)}
+        self.checkpoints.save(self.engine, step, client, meta, wait=wait)
         self.host_memory.now()
+
+    def _committed(self, saved: Saved) -> None:
+        """A checkpoint is committed (CheckpointManager.on_commit): the event log, the console, MLflow."""
+        self.run_dir.record_event("checkpoint", step=saved.step)
+        blocked = saved.timings.get("blocked", saved.seconds)
+        phases = ", ".join(f"{k} {v:.2f}" for k, v in saved.timings.items() if k != "blocked")
+        later = f"{saved.steps_later} step(s) after its save, " if saved.steps_later else ""
+        log.info(
+            "checkpoint %s committed %s%.2f s in all (training blocked %.2f s; seconds per phase: %s)",
+            saved.path,
+            later,
+            saved.seconds,
+            blocked,
+            phases,
+        )
+        self.tracker.log_metrics({"checkpoint_s": saved.seconds, "checkpoint_blocked_s": blocked}, saved.step)
 
     def _resume(self) -> Committed | None:
         """Load the checkpoint chosen at build time (None: a fresh start); see CheckpointManager.select."""
@@ -474,6 +491,7 @@ class Trainer:
     def close(self, outcome: int | BaseException | None = None) -> None:
         """Release everything; `outcome` (fit's exit status, or what it raised) sets the MLflow run status."""
         self.preemption.close()
+        self.checkpoints.close()  # retention's deletions
         self.tracker.close(run_status(outcome))
         self.train_loader.close()
         if self.eval_loader is not None:

@@ -54,7 +54,7 @@ def manager(root: Path, **cfg) -> CheckpointManager:
 
 def test_save_commits_manifest_with_sizes_checksums_meta_and_pointer(tmp_path: Path) -> None:
     mgr = manager(tmp_path)
-    path = mgr.save(FileWritingEngine(), 7, {"x": 1}, meta={"model": {"name": "m"}})
+    path = mgr.save(FileWritingEngine(), 7, {"x": 1}, meta={"model": {"name": "m"}}).path
     assert path == tmp_path / tag_for(7)
     manifest = read_manifest(path)
     assert manifest["step"] == 7 and manifest["world_size"] == 1 and manifest["meta"]["model"]["name"] == "m"
@@ -86,7 +86,7 @@ def test_incomplete_checkpoints_are_ignored_and_named(
 
 def test_a_flipped_byte_fails_verification_naming_the_file(tmp_path: Path) -> None:
     mgr = manager(tmp_path)
-    path = mgr.save(FileWritingEngine(), 5, {})
+    path = mgr.save(FileWritingEngine(), 5, {}).path
     data = bytearray((path / OPTIM_FILE).read_bytes())
     data[1000] ^= 0xFF  # same size: only the checksum can tell
     (path / OPTIM_FILE).write_bytes(bytes(data))
@@ -102,6 +102,7 @@ def test_retention_keeps_last_k_and_every_mth_and_drops_universal_and_debris(tmp
     (tmp_path / tag_for(15)).mkdir()  # a partial save, older than the newest commit below
     for step in range(20, 80, 10):
         mgr.save(FileWritingEngine(), step, {})
+    mgr.close()  # retention deletes in a thread
     assert sorted(p.name for p in tmp_path.iterdir()) == [POINTER, tag_for(30), tag_for(60), tag_for(70)]
 
 
@@ -110,14 +111,14 @@ def test_a_partial_save_at_the_same_step_is_replaced_and_a_committed_one_is_kept
     debris = tmp_path / tag_for(10)
     debris.mkdir()
     (debris / "zero_pp_rank_7_mp_rank_00_model_states.pt").write_bytes(b"from a dead run of 8 ranks")
-    path = mgr.save(FileWritingEngine(), 10, {})
+    path = mgr.save(FileWritingEngine(), 10, {}).path
     assert set(read_manifest(path)["files"]) == {MODEL_FILE, OPTIM_FILE}  # the stale rank-7 file is gone
     before = (path / MANIFEST).read_text()
     assert mgr.holds(10)
     assert mgr.save(FileWritingEngine(optim_bytes=10), 10, {}) is None  # e.g. a stop right after a save
     assert (path / MANIFEST).read_text() == before
     # Another job that redoes step 10 (resumed on purpose from an earlier one) keeps the old one aside.
-    again = manager(tmp_path).save(FileWritingEngine(optim_bytes=10), 10, {})
+    again = manager(tmp_path).save(FileWritingEngine(optim_bytes=10), 10, {}).path
     assert read_manifest(again)["files"][OPTIM_FILE]["bytes"] == 10
     (aside,) = tmp_path.glob(tag_for(10) + ".superseded-*")
     assert (aside / MANIFEST).read_text() == before
@@ -125,7 +126,7 @@ def test_a_partial_save_at_the_same_step_is_replaced_and_a_committed_one_is_kept
 
 def test_resume_setting_never_or_an_explicit_folder(tmp_path: Path) -> None:
     mgr = manager(tmp_path)
-    path = mgr.save(FileWritingEngine(), 3, {})
+    path = mgr.save(FileWritingEngine(), 3, {}).path
     assert manager(tmp_path, resume="never").candidates() == []
     assert manager(tmp_path, resume="never").select({}) is None
     assert manager(tmp_path / "elsewhere", resume=str(path)).candidates() == [Committed(3, path)]
@@ -178,8 +179,8 @@ def test_select_names_every_changed_invariant(tmp_path: Path) -> None:
 
 def test_export_refuses_incomplete_or_missing_checkpoints(tmp_path: Path) -> None:
     mgr = manager(tmp_path / "run" / "checkpoints")
-    first = mgr.save(FileWritingEngine(), 1, {})
-    second = mgr.save(FileWritingEngine(), 2, {})
+    first = mgr.save(FileWritingEngine(), 1, {}).path
+    second = mgr.save(FileWritingEngine(), 2, {}).path
     (second / MANIFEST).unlink()
     assert resolve_checkpoint(tmp_path / "run") == first  # the newest committed one, not the newest folder
     with pytest.raises(ValueError, match="not a committed checkpoint"):

@@ -77,10 +77,12 @@ def test_sigkill_inside_a_save_resumes_from_the_previous_committed_checkpoint(
     ckpts = run_dir / "checkpoints"
     partial = ckpts / tag_for(2 * K)
     # The save of step 2K is cut short at each point before its commit that leaves a different folder
-    # behind (DeepSpeed's files without a manifest; the same with an unrenamed manifest); every restart
-    # must resume from step K (never from the partial folder) and redo steps K+1..2K identically. The
-    # "hashed" point leaves the same files as "written" (digests live in memory until the manifest).
-    for point in ("written:1", "manifest_tmp:0"):
+    # behind: rank 1 killed by its background writer after its first file, while its training thread
+    # runs the steps after 2K (checkpoint.async_save, the default); every file there without a manifest
+    # ("written" and "hashed" leave the same, digests live in memory until the manifest); an unrenamed
+    # manifest. Every restart must resume from step K (never from the partial folder) and redo steps
+    # K+1..2K identically.
+    for point in ("writing:1", "manifest_tmp:0"):
         proc = train(2, run_dir, digits_shards, env={"COATNET_CHECKPOINT_FAULT": point})
         assert proc.returncode != 0, f"{point}: the run was not killed\n{tail(proc)}"
         log = rank0_log(run_dir)

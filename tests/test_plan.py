@@ -368,7 +368,18 @@ def test_checkpoint_budget_is_the_shard_bytes_at_the_slower_bandwidth_against_th
     assert b.save_bytes_per_rank == 12 * shard and b.save_bytes == 12 * shard * world
     node_bound = 12 * shard * 8 / 5e9  # 8 ranks per node at 5 GB/s beats 64 ranks at 20 GB/s
     assert b.save_seconds == pytest.approx(max(node_bound, 12 * shard * world / 20e9) / plan.SAVE_EFFICIENCY)
-    assert b.save_share == pytest.approx(b.save_seconds / (b.save_seconds + 100 * 2.0))
+    # Async saves (the default) block for the host copy only, and cost host memory on each node.
+    copy = 12 * shard / (plan.HOST_COPY_GBYTES * 1e9)
+    assert b.blocked_seconds == pytest.approx(copy) and b.blocked_seconds < b.save_seconds / 10
+    assert b.save_share == pytest.approx(copy / (copy + 100 * 2.0))
+    assert b.host_bytes_per_node == 12 * shard * 8
+    sync_cfg = load_config(
+        CONFIGS / "coatnet7_jft.yaml",
+        ["ema.decay=0", "checkpoint.every_steps=100", "checkpoint.async_save=false"],
+    )
+    sync = plan.budgets(sync_cfg, H100, params, step_seconds=2.0, images_s=1000.0)
+    assert sync.save_share == pytest.approx(sync.save_seconds / (sync.save_seconds + 100 * 2.0))
+    assert sync.host_bytes_per_node == 0 and sync.blocked_seconds == sync.save_seconds
     assert b.stop_latency_s == pytest.approx(cfg.run.stop_check_s + cfg.run.log_every * 2.0)
     with_ema = plan.budgets(
         load_config(CONFIGS / "coatnet7_jft.yaml", ["ema.decay=0.9999"]), H100, params, 2, 1

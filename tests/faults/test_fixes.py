@@ -91,6 +91,7 @@ def test_retention_keeps_the_checkpoint_just_committed_and_ignores_a_save_in_fli
     in_flight = tmp_path / tag_for(30)  # e.g. a decoupled writer still writing, no manifest yet
     in_flight.mkdir()
     mgr.save(Engine(), 20, {})
+    mgr.close()
     assert sorted(p.name for p in tmp_path.glob("step_*")) == [tag_for(20), tag_for(30)]
 
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from data_pipeline.tarindex import read_index
-from pretrain.checkpoint import MANIFEST, POINTER, tag_for
+from pretrain.checkpoint import FAULT_ENV, MANIFEST, POINTER, tag_for
 from tests.faults.harness import (
     Context,
     Launch,
@@ -128,6 +128,38 @@ def hung_rank(ctx: Context) -> Result:
     if rc == 0 or after_hang > HUNG_LIMIT_S:
         result.losses_equal = False
         result.note += f" NOT ended non-zero within {HUNG_LIMIT_S} s;"
+    result.seconds = time.monotonic() - t0
+    return result
+
+
+def kill_background_write(ctx: Context) -> Result:
+    """Rank 1 SIGKILLed by its background writer after the first file of the async save of step 2K, while
+    its training thread runs the steps after 2K: the folder stays without a manifest, the next launch
+    resumes from step K and loses nothing committed."""
+    name = "kill-writing"
+    run_dir = copy_reference(ctx, name, keep_until=K)
+    ckpts = run_dir / "checkpoints"
+    result = Result(trial=name)
+    t0 = time.monotonic()
+    launch = Launch(run_dir, ctx.shards, env={FAULT_ENV: "writing:1"})
+    result.statuses.append(launch.wait())
+    result.launches = 1
+    out = launch.output()
+    killed = "killing rank 1 at checkpoint point 'writing'" in out
+    partial = ckpts / tag_for(2 * K)
+    uncommitted = partial.is_dir() and not (partial / MANIFEST).exists()
+    committed = committed_step(ckpts)
+    logged_at_kill = logged_step(run_dir)
+    result.note = (
+        f"killed in the background write: {killed}; {partial.name} without a manifest: {uncommitted}; "
+        f"committed left: step {committed};"
+    )
+    _finish_and_measure(ctx, result, run_dir, committed)
+    resumed = resumed_steps(run_dir)
+    result.redone = max(0, logged_at_kill - K)
+    result.losses_equal = (
+        result.losses_equal and killed and uncommitted and committed == K and resumed[:1] == [K]
+    )
     result.seconds = time.monotonic() - t0
     return result
 
@@ -410,6 +442,7 @@ def slurm_sigterm(ctx: Context) -> Result:
 
 OTHER: dict[str, Callable[[Context], Result]] = {
     "hung": hung_rank,
+    "writing": kill_background_write,
     "disk-precheck": lambda ctx: full_disk(ctx, "precheck"),
     "disk-write": lambda ctx: full_disk(ctx, "write"),
     "sigterm": sigterm_job,
