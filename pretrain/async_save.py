@@ -144,10 +144,10 @@ def write_file(path: Path, data: memoryview, chunk: int, pool: ThreadPoolExecuto
 
 
 class BackgroundWrite:
-    """One rank's part of one save. `work(files)` gets the files as `add` hands them over (until `close`)
-    and returns the manifest entries of this rank's files; it runs on a daemon thread from `start` on,
-    so that writing the first file overlaps DeepSpeed's work on the next, or on the caller's thread
-    (`run_here`, a synchronous save). `result()` waits: (entries, None) or (None, what it raised)."""
+    """One rank's part of one save. `work(files)` gets the files `add` handed over (until `close`) and
+    returns the manifest entries of this rank's files; it runs on a daemon thread (`start`) or on the
+    caller's (`run_here`, a synchronous save). `result()` waits: (entries, None) or (None, what it
+    raised)."""
 
     def __init__(self, work: Callable[[Iterator[tuple[Path, HostBuffer]]], dict]) -> None:
         self._work = work

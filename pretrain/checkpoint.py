@@ -317,13 +317,11 @@ class CheckpointManager:
             else None
         )
         background = writer is not None and not writer.direct
-        if background:
-            job.start()  # writes each file as soon as DeepSpeed hands it over
         try:
             engine.save_checkpoint(str(self.root), tag=tag, client_state=client_state, save_latest=False)
         except (OSError, RuntimeError) as exc:
-            job.close()
-            job.result()  # the writer thread is done with the folder
+            if writer is not None:
+                writer.sink = None
             if not _is_write_failure(exc):
                 raise
             # Raised at once, without waiting for the other ranks: a rank that waits in a collective here
@@ -336,7 +334,13 @@ class CheckpointManager:
         _fault_point("written", self.info.rank)
         timings = {"write": time.perf_counter() - started}
         self._in_flight = _InFlight(step, tag_dir, meta or {}, needed, job, started, timings)
-        if not background:
+        if background:
+            # Started once DeepSpeed is done: started with the first file, the writer competed for the
+            # cores with DeepSpeed's own end of the save (re-gathering the persistent parameters, one
+            # collective each), and training waited longer (measured on 2 cores: blocked 0.3-0.5 s
+            # instead of 0.3, for a commit 0.1-0.2 s sooner).
+            job.start()
+        else:
             job.run_here()  # fsync and digest what DeepSpeed wrote
         timings["blocked"] = time.perf_counter() - started
         return None if background and not wait else self.finish()

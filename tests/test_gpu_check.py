@@ -83,7 +83,7 @@ def test_cpu_twin_with_deepspeed_and_dali(tmp_path):
     ckpt = report["checkpoint"]
     assert "CheckpointManager" in ckpt["engine"] and ckpt["client_state_back"] is True
     assert ckpt["batchnorm_dtypes_after_load"] == ["torch.float32"]
-    assert set(ckpt["save_phases_s"]) == {"write", "seal", "commit"}
+    assert set(ckpt["save_phases_s"]) == {"blocked", "write", "seal", "commit"}
     decode = report["decode"]
     assert decode["available"] is True and decode["cpu_images_per_s"] > 0
     assert decode["mixed_images_per_s"] is None and decode["cpu_decoder_args"] == {}, (
