@@ -90,7 +90,8 @@ CPU_DECODE_MPIX_S = 47.0
 # CPU cores per GPU a node has when --cpus-per-node is not given: DGX H100/H200 (112 cores, 8 GPUs).
 DEFAULT_CORES_PER_GPU = 14
 # A committed save (write, fsync, per-file SHA-256, manifest) runs at about half a plain write + fsync
-# of the same bytes (benchmarks/checkpoint_speed.py: 0.51).
+# of the same bytes (benchmarks/checkpoint_speed.py on this project's 2-core VMs: 0.40-0.62 for an async
+# save from host buffers, the stop save of a run that saves periodically; 0.24-0.49 synchronous).
 SAVE_EFFICIENCY = 0.5
 # GB/s at which one rank copies its checkpoint share into host memory during an async save (torch.save of
 # its GPU tensors into a host buffer: a device-to-host copy, then a copy into the buffer). A conservative
