@@ -9,7 +9,9 @@ Runs as one plain process, under torchrun, under the `deepspeed` launcher (which
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import traceback
 import warnings
 
 from pretrain.config import ConfigError, config_docs_markdown, load_config
@@ -84,6 +86,14 @@ def main(argv: list[str] | None = None) -> int:
     except SaveFailed as exc:  # disk full: one line naming the folder and the bytes needed
         outcome = exc
         print(f"coatnet-train: error: {exc}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        outcome = exc
+        # Said before `close`: tearing down the process group lets the other ranks fail, and their
+        # launcher then kills this process before it could print why it failed (seen: an undecodable
+        # JPEG met by rank 1 only, whose message never reached the job's output).
+        logging.getLogger("pretrain.train").error("training failed: %s", exc)
+        traceback.print_exc()
         return 1
     except BaseException as exc:
         outcome = exc
