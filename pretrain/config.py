@@ -149,8 +149,9 @@ class EngineConfig:
         "ZeRO-3 gathers each block (MBConv or transformer, not the stem) of at most this many parameter "
         "elements in one go at its entry, with no hooks below it; 0: layer by layer (DeepSpeed's own hooks). "
         "Fewer hooks and all-gathers (150000000 covers every block of CoAtNet-0..7; see "
-        "pretrain.engine.zero3_gather_units). Off until an unexplained numeric difference is understood: "
-        "at CoAtNet-5's widths on 2 ranks the losses differ from the first step in the 5th digit.",
+        "pretrain.engine.zero3_gather_units). Off: no faster in benchmarks/engine_overhead.py on 2 CPU "
+        "ranks (1.97x the plain step with units, 1.68x without, same run); bitwise the same losses "
+        "from batch 2 per rank (see zero3_gather_units for batch 1).",
         0,
         min=0,
     )

@@ -118,10 +118,13 @@ def zero3_gather_units(model: torch.nn.Module, max_elements: int) -> list[str]:
     backward gather of a leaf does not happen before its recompute there (the same error). On 2 CPU
     ranks (benchmarks/engine_overhead.py, CoAtNet-0 small): ZeRO-3's median step 0.124 s layer by layer, 0.093 s with blocks as units. The cap
     (engine.gather_unit_elements; 150M elements = 300 MB in bf16 covers every block of CoAtNet-0..7, the
-    largest being CoAtNet-7's last stage's 113M) bounds what one unit holds gathered. Off by default: in
-    the trainer at CoAtNet-5's widths on 2 ranks the losses differ from layer-by-layer ones from the first
-    step (5th digit), while the same engine's forward outside the trainer and the smoke model's training
-    are bitwise equal; not understood yet. Names as in `named_modules`."""
+    largest being CoAtNet-7's last stage's 113M) bounds what one unit holds gathered. Numerics: from
+    batch 2 per rank the activations (values and strides) equal layer-by-layer ones bitwise. At batch 1
+    they differ by rounding (fp32: 1 ulp of the first loss; bf16: its 5th digit): the block input that
+    DeepSpeed's leaf-module hook hands on has another stride on its size-1 batch dimension, so the
+    first block's pooling returns NCHW instead of channels-last and every later conv and norm runs the
+    other memory format's kernels (measured with forward hooks on CoAtNet-5's widths, 1 block per
+    stage). Off by default because it is not faster on 2 CPU ranks. Names as in `named_modules`."""
     return [
         f"stages.{i}.blocks.{j}"
         for i, stage in enumerate(getattr(model, "stages", []))
