@@ -75,6 +75,7 @@ MLFLOW_METRIC_NAMES = {
     "memory_device_used_gb": "perf/memory_device_used_gb",
     "goodput": "perf/goodput",
     "checkpoint_s": "perf/checkpoint_s",
+    "checkpoint_blocked_s": "perf/checkpoint_blocked_s",
     "preemptions": "preemption/count",
 }
 

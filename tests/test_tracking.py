@@ -318,6 +318,7 @@ def test_every_metric_the_trainer_logs_has_a_namespace_in_mlflow() -> None:
         "samples_seen",
         "goodput",
         "checkpoint_s",
+        "checkpoint_blocked_s",
         "preemptions",
     }
     for key in {*figures, *trainer_keys, "eval/top1", "preemption/lost_s"}:
