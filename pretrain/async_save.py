@@ -7,8 +7,9 @@ returns: from the next step on the training state changes, the buffer keeps the 
 copy is all the training thread waits for. The one device-specific part is torch.save's own copy of GPU
 tensors to the host (synchronous, one per storage); nothing here touches a device otherwise.
 
-`BackgroundWrite` then writes those buffers on a thread of its own, digests every 16 MiB chunk from memory
-in parallel threads while it writes (no read-back), fsyncs, and ends with the manifest entries of this
+`BackgroundWrite` then (once DeepSpeed's `save_checkpoint` returned) writes those buffers on a thread of
+its own, digests every 16 MiB chunk from memory in parallel threads while it writes (no read-back),
+fsyncs, and ends with the manifest entries of this
 rank's files (or the error that stopped it). It runs no collective: a collective from a second thread
 would interleave with the training thread's. The commit (every rank's entries gathered, the manifest
 renamed into place) stays with `CheckpointManager`, on the training thread.
@@ -16,7 +17,9 @@ renamed into place) stays with `CheckpointManager`, on the training thread.
 Memory: one buffer per file a rank writes, kept and reused from save to save (a fresh mapping would be
 paid in page faults every time): about the rank's share of the checkpoint, 12-16 bytes per parameter
 divided by the world size. A buffer is not touched again before the write that reads it has ended: the
-manager waits for the save in flight before it starts the next one.
+manager waits for the save in flight before it starts the next one. A save that is waited for (stop,
+final) and finds no buffers yet goes straight to disk, as DeepSpeed's own engine would: a run that only
+saves when it stops needs no host memory for it.
 
 The buffers hold zip archives torch.load reads as usual, written with torch's CRC-32 of each record turned
 off: the manifest's SHA-256 of every chunk, checked on every resume, is what guards these files, and
