@@ -75,9 +75,6 @@ class HostBuffer:
         self._map.close()
         self._map = grown
 
-    def close(self) -> None:
-        self._map.close()
-
 
 class HostBufferedEngine(TorchCheckpointEngine):
     """DeepSpeed's torch checkpoint engine, saving into host buffers (`pending`) instead of files."""
@@ -99,10 +96,6 @@ class HostBufferedEngine(TorchCheckpointEngine):
         with serialization_config.patch({"save.compute_crc32": False}):
             torch.save(state_dict, buf, _use_new_zipfile_serialization=self.zipfile_serialization)
         self.sink(Path(path), buf)
-
-    def host_bytes(self) -> int:
-        """Host memory the buffers hold (what async saves cost each rank)."""
-        return sum(len(b._map) for b in self._buffers.values())
 
 
 def writer_for(
