@@ -2,10 +2,10 @@
 
 Checks, per shard: the checksum against the manifest; every index entry lies inside the tar (a truncated
 shard would otherwise crash DALI with SIGSEGV); every image decodes with DALI's decoder (one corrupt JPEG
-otherwise ends the whole pipeline). Samples that fail go to `blocklist.json` next to the manifest; the
+otherwise ends the whole pipeline, or the process: see `data_pipeline.decode_probe`). Samples that fail go to `blocklist.json` next to the manifest; the
 loaders drop them from the sample universe, so they never reach a decoder.
 
-`find_undecodable` is also what the training loader uses to name the culprit when a pipeline fails.
+`data_pipeline.decode_probe.find_undecodable` is also what the training loader uses to name the culprit when a pipeline fails.
 """
 
 from __future__ import annotations
@@ -13,73 +13,17 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from data_pipeline.manifest import MANIFEST_NAME, Blocklist, load_manifest, save_blocklist, sha256_file
+from data_pipeline.decode_probe import DecodeProbe, find_undecodable
+from data_pipeline.manifest import (
+    MANIFEST_NAME,
+    Blocklist,
+    ShardInfo,
+    load_manifest,
+    save_blocklist,
+    sha256_file,
+)
 from data_pipeline.tarindex import check_bounds, read_index, read_member
-
-PROBE_BATCH = 64
-
-
-class DecodeProbe:
-    """A small DALI pipeline decoding encoded images fed from Python, rebuilt after each failure."""
-
-    def __init__(self, decoder: str = "cpu", device_id: int | None = None, num_threads: int = 1) -> None:
-        self.decoder, self.device_id, self.num_threads = decoder, device_id, num_threads
-        self._pipe: Any = None
-
-    def _build(self) -> Any:
-        from nvidia.dali import fn, pipeline_def, types
-
-        @pipeline_def
-        def define() -> Any:
-            jpegs = fn.external_source(name="jpegs", device="cpu", no_copy=False)
-            return fn.decoders.image(jpegs, device=self.decoder, output_type=types.RGB)
-
-        pipe = define(
-            batch_size=PROBE_BATCH,
-            num_threads=self.num_threads,
-            device_id=self.device_id,
-            prefetch_queue_depth=1,
-        )
-        pipe.build()
-        return pipe
-
-    def decodes(self, blobs: list[bytes]) -> bool:
-        """True when every blob decodes (a failure costs a pipeline rebuild, not the process)."""
-        if any(len(b) == 0 for b in blobs):
-            return False
-        if self._pipe is None:
-            self._pipe = self._build()
-        try:
-            self._pipe.feed_input("jpegs", [np.frombuffer(b, dtype=np.uint8) for b in blobs])
-            self._pipe.run()
-            return True
-        except RuntimeError:
-            self._pipe = None  # DALI: "Current pipeline object is no longer valid"
-            return False
-
-
-def find_undecodable(blobs: list[bytes], probe: DecodeProbe | None = None) -> list[int]:
-    """Indices of the blobs the decoder rejects, found by bisection (O(bad * log n) rebuilds)."""
-    probe = probe or DecodeProbe()
-    bad: list[int] = []
-
-    def visit(lo: int, hi: int) -> None:
-        if lo >= hi or probe.decodes(blobs[lo:hi]):
-            return
-        if hi - lo == 1:
-            bad.append(lo)
-            return
-        mid = (lo + hi) // 2
-        visit(lo, mid)
-        visit(mid, hi)
-
-    for start in range(0, len(blobs), PROBE_BATCH):
-        visit(start, min(start + PROBE_BATCH, len(blobs)))
-    return bad
 
 
 @dataclass
@@ -134,27 +78,39 @@ def audit(
     check_files(dataset_dir)
     manifest, shard_dir, index_dir = load_manifest(dataset_dir)
     report, blocklist = AuditReport(), Blocklist()
-    probe = DecodeProbe(decoder, device_id, num_threads)
-    for info in tqdm(manifest.shards, desc="audit", unit="shard", disable=None):
-        tar, entries = shard_dir / info.name, read_index(index_dir / info.index)
-        report.shards += 1
-        report.samples += len(entries)
-        if sha256_file(tar) != info.sha256:
-            report.checksum_mismatch.append(info.name)
-        outside = set(check_bounds(entries, tar))
-        for key in sorted(outside):
-            blocklist.add(info.name, key, "truncated: data past the end of the tar")
-            report.truncated.append((info.name, key))
-        inside = [e for e in entries if e.key not in outside]
-        blobs = []
-        for entry in inside:
-            comp = entry.component(manifest.image_ext)
-            blobs.append(read_member(tar, comp) if comp else b"")
-        for i in find_undecodable(blobs, probe):
-            blocklist.add(info.name, inside[i].key, "undecodable image")
-            report.corrupt.append((info.name, inside[i].key))
+    with DecodeProbe(decoder, device_id, num_threads) as probe:
+        for info in tqdm(manifest.shards, desc="audit", unit="shard", disable=None):
+            _audit_shard(info, shard_dir, index_dir, manifest.image_ext, probe, report, blocklist)
     report.blocklist = save_blocklist(blocklist, dataset_dir)
     return report
+
+
+def _audit_shard(
+    info: ShardInfo,
+    shard_dir: Path,
+    index_dir: Path,
+    image_ext: str,
+    probe: DecodeProbe,
+    report: AuditReport,
+    blocklist: Blocklist,
+) -> None:
+    tar, entries = shard_dir / info.name, read_index(index_dir / info.index)
+    report.shards += 1
+    report.samples += len(entries)
+    if sha256_file(tar) != info.sha256:
+        report.checksum_mismatch.append(info.name)
+    outside = set(check_bounds(entries, tar))
+    for key in sorted(outside):
+        blocklist.add(info.name, key, "truncated: data past the end of the tar")
+        report.truncated.append((info.name, key))
+    inside = [e for e in entries if e.key not in outside]
+    blobs = []
+    for entry in inside:
+        comp = entry.component(image_ext)
+        blobs.append(read_member(tar, comp) if comp else b"")
+    for i in find_undecodable(blobs, probe):
+        blocklist.add(info.name, inside[i].key, "undecodable image")
+        report.corrupt.append((info.name, inside[i].key))
 
 
 def report_json(report: AuditReport) -> str:

@@ -48,9 +48,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_pipeline.audit import DecodeProbe, find_undecodable
 from data_pipeline.config import DataConfig
 from data_pipeline.dataset import ShardedDataset
+from data_pipeline.decode_probe import DecodeProbe, find_undecodable
 from data_pipeline.manifest import label_ids
 from data_pipeline.mixup import mix_batch
 from data_pipeline.order import (
@@ -552,8 +552,10 @@ class TrainLoader(_LabelSpace):
             self._origin, self._pending_checkpoint = self._cursor, None
 
     def close(self) -> None:
-        """Release the pipelines (played and prepared ahead) and delete this loader's index files."""
+        """Release the pipelines (played and prepared ahead), end the decode probe, delete the index files."""
         self._settle()
+        if self._probe is not None:
+            self._probe.close()
         shutil.rmtree(self._dir, ignore_errors=True)
 
 

@@ -104,8 +104,13 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli() -> None:
     """`coatnet-train` and `python -m pretrain.train`: `main`, then an exit that gloo's threads cannot abort."""
+    import faulthandler
+
     from pretrain import dist
 
+    # A crash in native code (DALI, gloo/NCCL, a CUDA kernel) prints every thread's Python stack to
+    # stderr, which the launchers forward: the job's output then says where a rank died.
+    faulthandler.enable()
     dist.run_and_exit(main)
 
 

@@ -10,9 +10,10 @@ import torch
 from data_pipeline.audit import audit
 from data_pipeline.config import DataConfig
 from data_pipeline.dataset import ShardedDataset
+from data_pipeline.decode_probe import PROBE_BATCH, DecodeProbe, find_undecodable
 from data_pipeline.loader import build_train_loader
 from data_pipeline.manifest import load_blocklist, load_manifest
-from data_pipeline.tarindex import read_index
+from data_pipeline.tarindex import read_index, read_member
 
 CPU = torch.device("cpu")
 
@@ -74,6 +75,24 @@ def test_corrupt_jpeg_is_skipped_counted_and_remembered(digit_wds, copy_dataset)
     }
     assert set(ids) == everything - {f"{shard}/{key}"}, "every other sample still arrives"
     assert loader.state_dict()["skipped"] == [(shard, key)]
+
+
+def test_a_headerless_jpeg_in_a_full_batch_is_found_although_dali_may_crash_on_it(digit_wds):
+    """DALI 2.4's CPU decoder dies of SIGSEGV on about half of the 64-image batches that hold one JPEG
+    without its header; the probe's child process takes the crash, and the bisection still names it."""
+    data = digit_wds["train"]
+    manifest = load_manifest(data)[0]
+    blobs = []
+    for info in manifest.shards:
+        for entry in read_index(data / info.index):
+            blobs.append(read_member(data / info.name, entry.component("jpg")))
+    blobs = blobs[: PROBE_BATCH + 8]
+    assert len(blobs) == PROBE_BATCH + 8
+    blobs[5] = bytes(64) + blobs[5][64:]
+    with DecodeProbe() as probe:
+        for _ in range(3):  # a crash in any of them would have ended this process before the probe
+            assert find_undecodable(blobs, probe) == [5]
+        assert probe.decodes(blobs[6:PROBE_BATCH])  # and it still decodes after whatever happened
 
 
 def test_truncated_shard_is_an_error_not_a_segfault(digit_wds, copy_dataset):
