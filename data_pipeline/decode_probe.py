@@ -1,11 +1,12 @@
 """Which encoded images the loader's decoder rejects, asked of a child process that may crash.
 
 DALI does not always fail cleanly on a corrupt image: with DALI 2.4's CPU decoder (nvImageCodec), a batch
-of 32 or more images of which one has no valid header kills the process with SIGSEGV in about half of the
-tries, where a smaller batch raises "Critical error in pipeline" (measured on this project's digits shards:
-the same 64 JPEGs with one header zeroed crash 20 fresh pipelines in a row; 50 batches of 8 do not). The
-probe runs where such a crash costs nothing: a child process (`python -m data_pipeline.decode_probe`)
-that decodes the batches the parent sends and answers one byte per batch. A child that dies answers
+of 32 or more JPEGs of which one has no valid header can kill the process with SIGSEGV, where a smaller
+batch raises "Critical error in pipeline" (measured on this project's digits shards, one header zeroed:
+every process that decoded such a 32-64 image batch with up to 20 fresh pipelines crashed; 30 batches of
+27 images and 200 of the bad image alone did not). The probe runs
+where such a crash costs nothing: a child process (`python -m data_pipeline.decode_probe`) that decodes
+the batches the parent sends and answers one byte per batch. A child that dies answers
 "not decodable" for that batch and is restarted for the next, so bisection still ends at the culprits.
 
 Protocol on the child's stdin/stdout (no pickle: only byte counts and the bytes themselves):

@@ -78,8 +78,8 @@ def test_corrupt_jpeg_is_skipped_counted_and_remembered(digit_wds, copy_dataset)
 
 
 def test_a_headerless_jpeg_in_a_full_batch_is_found_although_dali_may_crash_on_it(digit_wds):
-    """DALI 2.4's CPU decoder dies of SIGSEGV on about half of the 64-image batches that hold one JPEG
-    without its header; the probe's child process takes the crash, and the bisection still names it."""
+    """DALI 2.4's CPU decoder can die of SIGSEGV on a 64-image batch that holds one JPEG without its
+    header; the probe's child process takes the crash, and the bisection still names it."""
     data = digit_wds["train"]
     manifest = load_manifest(data)[0]
     blobs = []
