@@ -2,10 +2,12 @@
 
 Checks, per shard: the checksum against the manifest; every index entry lies inside the tar (a truncated
 shard would otherwise crash DALI with SIGSEGV); every image decodes with DALI's decoder (one corrupt JPEG
-otherwise ends the whole pipeline, or the process: see `data_pipeline.decode_probe`). Samples that fail go to `blocklist.json` next to the manifest; the
-loaders drop them from the sample universe, so they never reach a decoder.
+otherwise ends the whole pipeline, or the process: see `data_pipeline.decode_probe`). Samples that fail go
+to `blocklist.json` next to the manifest; the loaders drop them from the sample universe, so they never
+reach a decoder.
 
-`data_pipeline.decode_probe.find_undecodable` is also what the training loader uses to name the culprit when a pipeline fails.
+`data_pipeline.decode_probe.find_undecodable` is also what the training loader uses to name the culprit
+when a pipeline fails.
 """
 
 from __future__ import annotations
@@ -15,14 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_pipeline.decode_probe import DecodeProbe, find_undecodable
-from data_pipeline.manifest import (
-    MANIFEST_NAME,
-    Blocklist,
-    ShardInfo,
-    load_manifest,
-    save_blocklist,
-    sha256_file,
-)
+from data_pipeline.manifest import MANIFEST_NAME, Blocklist, load_manifest, save_blocklist, sha256_file
 from data_pipeline.tarindex import check_bounds, read_index, read_member
 
 
@@ -80,37 +75,25 @@ def audit(
     report, blocklist = AuditReport(), Blocklist()
     with DecodeProbe(decoder, device_id, num_threads) as probe:
         for info in tqdm(manifest.shards, desc="audit", unit="shard", disable=None):
-            _audit_shard(info, shard_dir, index_dir, manifest.image_ext, probe, report, blocklist)
+            tar, entries = shard_dir / info.name, read_index(index_dir / info.index)
+            report.shards += 1
+            report.samples += len(entries)
+            if sha256_file(tar) != info.sha256:
+                report.checksum_mismatch.append(info.name)
+            outside = set(check_bounds(entries, tar))
+            for key in sorted(outside):
+                blocklist.add(info.name, key, "truncated: data past the end of the tar")
+                report.truncated.append((info.name, key))
+            inside = [e for e in entries if e.key not in outside]
+            blobs = []
+            for entry in inside:
+                comp = entry.component(manifest.image_ext)
+                blobs.append(read_member(tar, comp) if comp else b"")
+            for i in find_undecodable(blobs, probe):
+                blocklist.add(info.name, inside[i].key, "undecodable image")
+                report.corrupt.append((info.name, inside[i].key))
     report.blocklist = save_blocklist(blocklist, dataset_dir)
     return report
-
-
-def _audit_shard(
-    info: ShardInfo,
-    shard_dir: Path,
-    index_dir: Path,
-    image_ext: str,
-    probe: DecodeProbe,
-    report: AuditReport,
-    blocklist: Blocklist,
-) -> None:
-    tar, entries = shard_dir / info.name, read_index(index_dir / info.index)
-    report.shards += 1
-    report.samples += len(entries)
-    if sha256_file(tar) != info.sha256:
-        report.checksum_mismatch.append(info.name)
-    outside = set(check_bounds(entries, tar))
-    for key in sorted(outside):
-        blocklist.add(info.name, key, "truncated: data past the end of the tar")
-        report.truncated.append((info.name, key))
-    inside = [e for e in entries if e.key not in outside]
-    blobs = []
-    for entry in inside:
-        comp = entry.component(image_ext)
-        blobs.append(read_member(tar, comp) if comp else b"")
-    for i in find_undecodable(blobs, probe):
-        blocklist.add(info.name, inside[i].key, "undecodable image")
-        report.corrupt.append((info.name, inside[i].key))
 
 
 def report_json(report: AuditReport) -> str:
