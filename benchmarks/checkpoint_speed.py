@@ -5,8 +5,8 @@ saves through `CheckpointManager.save` twice per iteration, side by side:
 - synchronously (checkpoint.async_save=false), phases timed: DeepSpeed's per-rank files (write), each
   rank's fsync + digest of its own files (seal), gather + manifest + pointer + prune (commit);
 - async (the default): the seconds until `save` returns (what training is blocked for: DeepSpeed's
-  state gathering and the copy into host memory), then until the background write is committed
-  (`finish`, nothing else running meanwhile).
+  state gathering and the copy into host memory), and until the background write is committed
+  (`finish` called at once: nothing else running meanwhile).
 Then it loads with `engine.load_checkpoint`. The baseline writes each rank's share of the same number of
 bytes as one file in 64 MiB blocks and reads it back, in the same iteration (the machine's load drifts).
 Like for like: DeepSpeed's write (torch.save, no fsync) against the plain write; the whole committed save
@@ -67,18 +67,30 @@ def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def timed(fn) -> float:
+def timed(fn, managers: tuple[CheckpointManager, ...] = ()) -> float:
     """Seconds `fn` takes on the slowest rank (barriers on both sides).
 
-    Starts from a clean page cache state (os.sync): otherwise the previous measurement's dirty pages are
-    written back during this one and charged to it.
+    Starts from a settled machine, as a save in a run finds it minutes after the previous one: the
+    retention deletions of `managers` ended (they run in the background; here the saves follow one
+    another at once) and a clean page cache (os.sync). Otherwise the previous measurement's deletions and
+    dirty pages are worked off during this one and charged to it.
     """
+    for manager in managers:
+        manager.close()
     os.sync()
     dist.barrier()
     start = time.perf_counter()
     fn()
     dist.barrier()
     return time.perf_counter() - start
+
+
+def save_async(manager: CheckpointManager, engine, step: int) -> tuple[float, object]:
+    """An async save of `step` to its commit: (seconds until `save` returned, the commit)."""
+    start = time.perf_counter()
+    manager.save(engine, step, {}, meta={}, wait=False)
+    blocked = time.perf_counter() - start
+    return blocked, manager.finish()
 
 
 def plain_write(path: Path, nbytes: int, fsync: bool) -> None:
@@ -135,14 +147,18 @@ def main() -> None:
     )
     rows: dict[str, list[float]] = {k: [] for k in keys}
     total = 0
+    settled = (sync, background)
     for i in range(1, args.repeat + 1):
         saved = []
-        rows["managed"].append(timed(lambda: saved.append(sync.save(engine, i, {}, meta={}))))  # noqa: B023
+        rows["managed"].append(timed(lambda: saved.append(sync.save(engine, i, {}, meta={})), settled))  # noqa: B023
         for phase in ("write", "seal", "commit"):  # slowest rank per phase
             rows[phase].append(float(dist.all_reduce_max(torch.tensor([saved[0].timings[phase]]))))
-        # Async: what training waits for (save returns), then the background write to the commit.
-        rows["blocked"].append(timed(lambda: background.save(engine, i, {}, meta={}, wait=False)))  # noqa: B023
-        rows["async"].append(rows["blocked"][-1] + timed(lambda: saved.append(background.finish())))  # noqa: B023
+        # Async, timed as one span (a sync between the two parts would flush the background write's
+        # pages untimed): what training waits for (until save returns), then the background write to
+        # the commit (`finish`, nothing else running meanwhile).
+        rows["async"].append(timed(lambda: saved.append(save_async(background, engine, i)), settled))  # noqa: B023
+        rows["blocked"].append(float(dist.all_reduce_max(torch.tensor([saved[1][0]]))))
+        saved[1] = saved[1][1]
         rows["background"].append(float(dist.all_reduce_max(torch.tensor([saved[1].timings["seal"]]))))
         tag = root / "sync" / tag_for(i)
         rows["load"].append(timed(lambda: engine.load_checkpoint(str(tag.parent), tag=tag.name)))  # noqa: B023

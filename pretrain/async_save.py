@@ -22,13 +22,12 @@ final) and finds no buffers yet goes straight to disk, as DeepSpeed's own engine
 saves when it stops needs no host memory for it.
 
 The buffers hold zip archives torch.load reads as usual, written with torch's CRC-32 of each record turned
-off: the manifest's SHA-256 of every chunk, checked on every resume, is what guards these files, and
+off: the manifest's BLAKE3 of every chunk, checked on every resume, is what guards these files, and
 torch.load does not check the CRCs (Python's `zipfile.testzip` would report them as wrong).
 """
 
 from __future__ import annotations
 
-import hashlib
 import mmap
 import os
 import queue
@@ -41,6 +40,8 @@ from pathlib import Path
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from torch.utils.serialization import config as serialization_config
+
+from pretrain import digest
 
 _PAGE = mmap.PAGESIZE
 
@@ -129,14 +130,14 @@ def write_file(path: Path, data: memoryview, chunk: int, pool: ThreadPoolExecuto
     hashed = []
     with open(path, "wb") as fh:
         for piece in pieces:
-            hashed.append(pool.submit(lambda p=piece: hashlib.sha256(p).digest()))
+            hashed.append(pool.submit(digest.chunk_digest, piece))
             fh.write(piece)  # buffered file object: writes the whole piece or raises
         fh.flush()
         os.fsync(fh.fileno())
-    digest = hashlib.sha256(b"".join(h.result() for h in hashed)).hexdigest()
+    combined = digest.combine(h.result() for h in hashed)
     for piece in pieces:
         piece.release()
-    return data.nbytes, digest
+    return data.nbytes, combined
 
 
 class BackgroundWrite:

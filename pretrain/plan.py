@@ -89,9 +89,10 @@ IMAGENET_MEGAPIXELS = 0.18
 CPU_DECODE_MPIX_S = 47.0
 # CPU cores per GPU a node has when --cpus-per-node is not given: DGX H100/H200 (112 cores, 8 GPUs).
 DEFAULT_CORES_PER_GPU = 14
-# A committed save (write, fsync, per-file SHA-256, manifest) runs at about half a plain write + fsync
-# of the same bytes (benchmarks/checkpoint_speed.py on this project's 2-core VMs: 0.40-0.62 for an async
-# save from host buffers, the stop save of a run that saves periodically; 0.24-0.49 synchronous).
+# A committed save (write, fsync, per-file digest, manifest) runs at about half a plain write + fsync
+# of the same bytes (benchmarks/checkpoint_speed.py on this project's 2-core VMs: 0.57-0.60 for an async
+# save from host buffers, the stop save of a run that saves periodically, since BLAKE3 digests, 0.40-0.62
+# with SHA-256; 0.25-0.49 synchronous). Kept at 0.5: conservative.
 SAVE_EFFICIENCY = 0.5
 # GB/s at which one rank copies its checkpoint share into host memory during an async save (torch.save of
 # its GPU tensors into a host buffer: a device-to-host copy, then a copy into the buffer). A conservative

@@ -1,4 +1,4 @@
-"""benchmarks/engine_overhead.py and benchmarks/memory_breakdown.py run end to end and their figures hang together."""
+"""benchmarks/engine_overhead.py, memory_breakdown.py and checkpoint_speed.py run end to end and their figures hang together."""
 
 from __future__ import annotations
 
@@ -54,3 +54,22 @@ def test_memory_breakdown_holds_what_the_planner_counts_and_the_canary_adds_no_m
         # (it was 12 bytes per moment element, 1.5x the moments: 4.1 GB per rank for CoAtNet-5 on 2 ranks).
         before = phases["step 2 optimizer step"]["rss"]
         assert phases["canary: Adam moments' sums"]["peak"] - before < held["Adam moments"] / 2
+
+
+@pytest.mark.slow
+def test_checkpoint_benchmark_prints_the_ratios_and_leaves_committed_checkpoints(tmp_path):
+    import re
+
+    from pretrain.checkpoint import HASH_KEY, POINTER, checksum_mismatches, read_manifest
+
+    cmd = [sys.executable, str(REPO / "benchmarks" / "checkpoint_speed.py"), "--model", "coatnet_0"]
+    cmd += ["--image-size", "64", "--repeat", "1", "--dir", str(tmp_path)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if "ratio: training blocked" in x)
+    blocked, asynchronous, synchronous = (float(v) for v in re.findall(r"\d+\.\d+", line)[:3])
+    assert min(blocked, asynchronous, synchronous) > 0, line
+    for kind in ("sync", "async"):  # each manager's last save is committed, with today's digest
+        tag = tmp_path / kind / (tmp_path / kind / POINTER).read_text().strip()
+        assert all(HASH_KEY in entry for entry in read_manifest(tag)["files"].values())
+        assert checksum_mismatches(tag) == []

@@ -7,10 +7,13 @@ test_checkpoint_resume.py. Here a small file-writing engine stands in for DeepSp
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from pathlib import Path
 
+import blake3
 import pytest
 import torch
 
@@ -208,8 +211,12 @@ def test_each_rank_seals_the_files_it_wrote() -> None:
     assert _owner_rank("mp_rank_00_model_states.pt") == 0  # ZeRO-1/2: written by rank 0
 
 
-def test_file_digest_is_a_sha256_over_chunk_sha256s(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import hashlib
+@pytest.mark.parametrize(
+    "key, new", [("blake3_16mib_chunks", blake3.blake3), ("sha256_16mib_chunks", hashlib.sha256)]
+)
+def test_file_digest_is_a_hash_over_chunk_hashes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key, new
+) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     import pretrain.checkpoint as ckpt
@@ -218,8 +225,28 @@ def test_file_digest_is_a_sha256_over_chunk_sha256s(tmp_path: Path, monkeypatch:
     data = os.urandom(2500)
     (tmp_path / "f").write_bytes(data)
     (tmp_path / "empty").write_bytes(b"")
-    chunks = b"".join(hashlib.sha256(data[i : i + 1000]).digest() for i in (0, 1000, 2000))
+    chunks = b"".join(new(data[i : i + 1000]).digest() for i in (0, 1000, 2000))
     with ThreadPoolExecutor(2) as pool:
-        assert ckpt.file_digest(tmp_path / "f", pool) == hashlib.sha256(chunks).hexdigest()
-    assert ckpt.file_digest(tmp_path / "f") == hashlib.sha256(chunks).hexdigest()
-    assert ckpt.file_digest(tmp_path / "empty") == hashlib.sha256(hashlib.sha256(b"").digest()).hexdigest()
+        assert ckpt.file_digest(tmp_path / "f", pool, key) == new(chunks).hexdigest()
+    assert ckpt.file_digest(tmp_path / "f", key=key) == new(chunks).hexdigest()
+    assert ckpt.file_digest(tmp_path / "empty", key=key) == new(new(b"").digest()).hexdigest()
+
+
+def test_a_manifest_written_with_sha256_still_verifies_and_a_changed_byte_is_found(tmp_path: Path) -> None:
+    """Checkpoints from before BLAKE3 carry the SHA-256 key: they resume; an unknown key never passes."""
+    from pretrain.checkpoint import checksum_mismatches, file_digest
+
+    names = ["a.pt", "b.pt", "c.pt"]
+    for name in names:
+        (tmp_path / name).write_bytes(os.urandom(3000))
+    old = "sha256_16mib_chunks"
+    files = {n: {"bytes": 3000, old: file_digest(tmp_path / n, key=old)} for n in names}
+    files["c.pt"] = {"bytes": 3000, "md5": "0" * 32}
+    (tmp_path / MANIFEST).write_text(json.dumps({"files": files}))
+    assert checksum_mismatches(tmp_path) == ["c.pt"]
+    with open(tmp_path / "b.pt", "r+b") as fh:
+        fh.seek(1234)
+        byte = fh.read(1)[0]
+        fh.seek(1234)
+        fh.write(bytes([byte ^ 1]))
+    assert checksum_mismatches(tmp_path) == ["b.pt", "c.pt"]
