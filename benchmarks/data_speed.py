@@ -4,6 +4,7 @@ Same work on both sides: 256x256 JPEG photographs -> random resized crop (scale 
 to 224 -> horizontal flip -> normalise -> float32 NCHW batches of 64. DALI with 1 and 2 threads, the
 DataLoader with 0 and 2 workers, in one run on the same shards. Also measures what a resume costs: a
 DALI checkpoint (size, time to take, time to rebuild + restore) against replaying the batches, and
+where DALI's CPU time goes (the graph cut after each stage), and
 what a segment switch costs: with one shard per segment (a switch every 4 batches here) the slowest
 batch at a switch over the median batch, with the next segment built ahead and without (goal <= 1.5).
 
@@ -92,6 +93,45 @@ def dali_raw_rate(train: Path, threads: int, count: int) -> float:
         seed=0,
     )
     return time_batches(iter(pipe.run, None), count)
+
+
+def dali_stage_rates(train: Path, count: int) -> dict[str, float]:
+    """Images/s of the training graph's CPU operators cut after each stage, one thread: where DALI's CPU
+    time goes (the reader and crop decode, then the resize to 224, then flip + normalise to float CHW)."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from data_pipeline.dataset import ShardedDataset
+    from data_pipeline.pipeline import _reader
+
+    ds = ShardedDataset(train)
+    paths, index_paths = [str(p) for p in ds.tar_paths], [str(p) for p in ds.index_paths]
+
+    def graph(stage: str):
+        @pipeline_def(batch_size=BATCH, num_threads=1, device_id=None, prefetch_queue_depth=2, seed=0)
+        def define():
+            jpegs, _ = _reader(paths, index_paths, ["jpg", "cls"])
+            images = fn.decoders.image_random_crop(
+                jpegs,
+                device="cpu",
+                output_type=types.RGB,
+                random_area=[0.08, 1.0],
+                random_aspect_ratio=[0.75, 4 / 3],
+            )
+            if stage == "decode":
+                return images
+            images = fn.resize(images, size=[CROP, CROP])
+            if stage == "resize":
+                return images
+            mirror = fn.random.coin_flip(probability=0.5)
+            return fn.crop_mirror_normalize(
+                images, dtype=types.FLOAT, output_layout="CHW", mean=MEAN, std=STD, mirror=mirror
+            )
+
+        pipe = define()
+        pipe.build()
+        return time_batches(iter(pipe.run, None), count)
+
+    return {stage: graph(stage) for stage in ("decode", "resize", "normalise")}
 
 
 def random_resized_crop(im: Image.Image, rng: random.Random) -> Image.Image:
@@ -245,6 +285,14 @@ def main() -> None:
         )
         print(
             f"ratio DALI 2 threads / PIL 2 workers: {results['dali_2_threads'] / results['pil_2_workers']:.2f}"
+        )
+        stages = dali_stage_rates(train, args.batches)
+        per_image = {k: 1 / v for k, v in stages.items()}  # seconds per image after each stage
+        resize_share = (per_image["resize"] - per_image["decode"]) / per_image["normalise"]
+        print(
+            f"DALI CPU, 1 thread, cut after each stage: read + crop-decode {stages['decode']:.0f} images/s, "
+            f"+ resize {stages['resize']:.0f}, + flip/normalise {stages['normalise']:.0f}: the resize is "
+            f"{resize_share:.0%} of the time"
         )
         cost = resume_costs(train, k=args.batches)
         print(

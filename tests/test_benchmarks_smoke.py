@@ -1,4 +1,4 @@
-"""benchmarks/engine_overhead.py, memory_breakdown.py and checkpoint_speed.py run end to end and their figures hang together."""
+"""benchmarks/engine_overhead.py, memory_breakdown.py, checkpoint_speed.py and data_speed.py run end to end and their figures hang together."""
 
 from __future__ import annotations
 
@@ -73,3 +73,20 @@ def test_checkpoint_benchmark_prints_the_ratios_and_leaves_committed_checkpoints
         tag = tmp_path / kind / (tmp_path / kind / POINTER).read_text().strip()
         assert all(HASH_KEY in entry for entry in read_manifest(tag)["files"].values())
         assert checksum_mismatches(tag) == []
+
+
+@pytest.mark.slow
+def test_data_benchmark_compares_dali_with_pil_and_splits_dali_time_by_stage():
+    import re
+
+    cmd = [sys.executable, str(REPO / "benchmarks" / "data_speed.py"), "--images", "512", "--batches", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "ratio DALI 2 threads / PIL 2 workers:" in proc.stdout and "load average" in proc.stdout
+    line = next(x for x in proc.stdout.splitlines() if "cut after each stage" in x)
+    found = re.search(
+        r"crop-decode (\d+) images/s, \+ resize (\d+), \+ flip/normalise (\d+): the resize is (\d+)%", line
+    )
+    assert found, line
+    decode, resize, normalise, share = (int(v) for v in found.groups())
+    assert decode > resize and decode > normalise and 0 < share < 100, line  # each cut does less work
