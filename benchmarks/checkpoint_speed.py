@@ -199,6 +199,7 @@ def main() -> None:
             f"{rate['managed'] / rate['fsync']:.2f}; DeepSpeed write / plain write "
             f"{rate['write'] / rate['plain']:.2f}; load / plain read {rate['load'] / rate['read']:.2f}"
         )
+        print(f"  load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)
     dist.destroy()

@@ -69,6 +69,7 @@ def test_checkpoint_benchmark_prints_the_ratios_and_leaves_committed_checkpoints
     line = next(x for x in proc.stdout.splitlines() if "ratio: training blocked" in x)
     blocked, asynchronous, synchronous = (float(v) for v in re.findall(r"\d+\.\d+", line)[:3])
     assert min(blocked, asynchronous, synchronous) > 0, line
+    assert "load average at the end" in proc.stdout
     for kind in ("sync", "async"):  # each manager's last save is committed, with today's digest
         tag = tmp_path / kind / (tmp_path / kind / POINTER).read_text().strip()
         assert all(HASH_KEY in entry for entry in read_manifest(tag)["files"].values())
