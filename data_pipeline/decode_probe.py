@@ -12,17 +12,23 @@ the batches the parent sends and answers one byte per batch. A child that dies a
 Protocol on the child's stdin/stdout (no pickle: only byte counts and the bytes themselves):
 the child writes b"R" when its pipeline is built; then per batch the parent writes the number of blobs
 (uint32), their lengths (uint64 each) and their bytes, and the child answers b"\\x01" (all decode) or
-b"\\x00" (a decoding error; it rebuilds its pipeline).
+b"\\x00" (a decoding error; it rebuilds its pipeline). A child that does not answer in time is killed:
+not ready within READY_TIMEOUT_S is ProbeUnavailable, a batch not answered within BATCH_TIMEOUT_S counts
+as a crash (a hung decoder must not hang the error path that called the probe).
 """
 
 from __future__ import annotations
 
+import select
 import struct
 import subprocess
 import sys
 from typing import Any, BinaryIO
 
 PROBE_BATCH = 64  # blobs per pipeline run; the bisection's first split
+# Seconds: building the child's pipeline takes 1-3 s here (imports included), a 64-image batch well
+# under one; both limits only end a child that hangs.
+READY_TIMEOUT_S, BATCH_TIMEOUT_S = 300.0, 300.0
 
 
 class ProbeUnavailable(RuntimeError):
@@ -35,7 +41,7 @@ class DecodeProbe:
     def __init__(self, decoder: str = "cpu", device_id: int | None = None, num_threads: int = 1) -> None:
         self.decoder, self.device_id, self.num_threads = decoder, device_id, num_threads
         self._child: subprocess.Popen | None = None
-        self.crashes = 0  # batches whose decoding killed the child
+        self.crashes = 0  # batches whose decoding killed the child (or hung it: then it is killed)
 
     def _start(self) -> subprocess.Popen:
         device = "none" if self.device_id is None else str(self.device_id)
@@ -48,7 +54,13 @@ class DecodeProbe:
             str(self.num_threads),
         ]
         child = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-        if child.stdout.read(1) != b"R":
+        ready = read_byte(child, READY_TIMEOUT_S)
+        if ready is None:
+            raise ProbeUnavailable(
+                f"the decode probe ({' '.join(cmd)}) did not build its pipeline within {READY_TIMEOUT_S:.0f} s; "
+                "it was killed"
+            )
+        if ready != b"R":
             child.wait()
             raise ProbeUnavailable(
                 f"the decode probe ({' '.join(cmd)}) exited with status {child.returncode} before its "
@@ -70,10 +82,10 @@ class DecodeProbe:
             for blob in blobs:
                 child.stdin.write(blob)
             child.stdin.flush()
-            answer = child.stdout.read(1)
+            answer = read_byte(child, BATCH_TIMEOUT_S)
         except BrokenPipeError:
             answer = b""
-        if answer == b"":  # the child died on this batch
+        if not answer:  # the child died on this batch (or hung on it and was killed)
             child.wait()
             self._child = None
             self.crashes += 1
@@ -96,6 +108,17 @@ class DecodeProbe:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def read_byte(child: subprocess.Popen, timeout_s: float) -> bytes | None:
+    """One byte from `child`'s stdout (b"" once it exited); None when none came within `timeout_s`, after
+    killing the child. The protocol sends one byte per request, so nothing is ever buffered ahead."""
+    readable, _, _ = select.select([child.stdout], [], [], timeout_s)
+    if not readable:
+        child.kill()
+        child.wait()
+        return None
+    return child.stdout.read(1)
 
 
 def find_undecodable(blobs: list[bytes], probe: DecodeProbe) -> list[int]:

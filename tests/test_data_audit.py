@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,27 @@ def test_a_headerless_jpeg_in_a_full_batch_is_found_although_dali_may_crash_on_i
         for _ in range(3):  # a crash in any of them would have ended this process before the probe
             assert find_undecodable(blobs, probe) == [5]
         assert probe.decodes(blobs[6:PROBE_BATCH])  # and it still decodes after whatever happened
+
+
+def test_a_probe_child_that_hangs_on_a_batch_is_killed_and_the_next_batch_gets_a_fresh_one(
+    digit_wds, monkeypatch
+):
+    """A decoder that hangs must not hang the error path that asked: the batch counts as a crash."""
+    import signal
+
+    from data_pipeline import decode_probe
+
+    data = digit_wds["train"]
+    info = load_manifest(data)[0].shards[0]
+    blobs = [read_member(data / info.name, e.component("jpg")) for e in read_index(data / info.index)[:8]]
+    monkeypatch.setattr(decode_probe, "BATCH_TIMEOUT_S", 2.0)
+    with DecodeProbe() as probe:
+        assert probe.decodes(blobs)
+        hung = probe._child
+        os.kill(hung.pid, signal.SIGSTOP)  # a real process that never answers
+        assert not probe.decodes(blobs)
+        assert hung.returncode == -signal.SIGKILL and probe.crashes == 1
+        assert probe.decodes(blobs) and probe._child is not hung
 
 
 def test_truncated_shard_is_an_error_not_a_segfault(digit_wds, copy_dataset):
