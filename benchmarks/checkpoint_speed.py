@@ -161,11 +161,11 @@ def main() -> None:
         saved[1] = saved[1][1]
         rows["background"].append(float(dist.all_reduce_max(torch.tensor([saved[1].timings["seal"]]))))
         tag = root / "sync" / tag_for(i)
-        rows["load"].append(timed(lambda: engine.load_checkpoint(str(tag.parent), tag=tag.name)))  # noqa: B023
+        rows["load"].append(timed(lambda: engine.load_checkpoint(str(tag.parent), tag=tag.name), settled))  # noqa: B023
         total = folder_bytes(tag)
         mine = total // info.world_size  # every rank writes its share, as DeepSpeed's ranks do
         plain = root / f"plain.rank{info.rank}"
-        rows["plain"].append(timed(lambda: plain_write(plain, mine, fsync=False)))  # noqa: B023
+        rows["plain"].append(timed(lambda: plain_write(plain, mine, fsync=False), settled))  # noqa: B023
         rows["fsync"].append(timed(lambda: plain_write(plain, mine, fsync=True)))  # noqa: B023
         rows["read"].append(timed(lambda: plain_read(plain)))  # noqa: B023
 

@@ -23,6 +23,7 @@ import select
 import struct
 import subprocess
 import sys
+import threading
 from typing import Any, BinaryIO
 
 PROBE_BATCH = 64  # blobs per pipeline run; the bisection's first split
@@ -77,14 +78,13 @@ class DecodeProbe:
         if self._child is None:
             self._child = self._start()
         child = self._child
-        try:
-            child.stdin.write(struct.pack(f"<I{len(blobs)}Q", len(blobs), *(len(b) for b in blobs)))
-            for blob in blobs:
-                child.stdin.write(blob)
-            child.stdin.flush()
-            answer = read_byte(child, BATCH_TIMEOUT_S)
-        except BrokenPipeError:
-            answer = b""
+        request = struct.pack(f"<I{len(blobs)}Q", len(blobs), *(len(b) for b in blobs)) + b"".join(blobs)
+        # Written from a thread: a child that stops reading would block a write larger than the pipe's
+        # buffer; the deadline below then kills it, which ends that write (BrokenPipeError, swallowed).
+        writer = threading.Thread(target=_send, args=(child.stdin, request), name="decode-probe-send")
+        writer.start()
+        answer = read_byte(child, BATCH_TIMEOUT_S)
+        writer.join()
         if not answer:  # the child died on this batch (or hung on it and was killed)
             child.wait()
             self._child = None
@@ -108,6 +108,14 @@ class DecodeProbe:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _send(stream: BinaryIO, data: bytes) -> None:
+    try:
+        stream.write(data)
+        stream.flush()
+    except (BrokenPipeError, ValueError):  # the child died (or was killed): read_byte says so
+        pass
 
 
 def read_byte(child: subprocess.Popen, timeout_s: float) -> bytes | None:

@@ -272,7 +272,8 @@ class CheckpointManager:
         self.on_commit: Callable[[Saved], None] | None = None
         self._last_committed: int | None = None  # the step this job saved or resumed from last
         self._in_flight: _InFlight | None = None
-        self._deleting: threading.Thread | None = None  # retention's deletions (rank 0)
+        # Retention's deletions (rank 0): each thread with the folders it deletes.
+        self._deleting: list[tuple[threading.Thread, list[Path]]] = []
 
     # ------------------------------------------------------------------------------------------ save
 
@@ -398,8 +399,8 @@ class CheckpointManager:
         with _hash_pool(io_threads=1) as pool:
             for n, (path, buf) in enumerate(buffered):
                 with buf.view() as data:
-                    size, digest = write_file(path, data, HASH_CHUNK, pool)
-                entries[str(path.relative_to(tag_dir))] = {"bytes": size, HASH_KEY: digest}
+                    size, file_hash = write_file(path, data, HASH_CHUNK, pool)
+                entries[str(path.relative_to(tag_dir))] = {"bytes": size, HASH_KEY: file_hash}
                 if n == 0:
                     _fault_point("writing", self.info.rank)
             rest = [
@@ -428,9 +429,9 @@ class CheckpointManager:
             return None
         needed = checkpoint_bytes(committed[0].path)
         free = shutil.disk_usage(self.root).free
-        if free < needed * SPACE_MARGIN and self._deleting is not None:
+        if free < needed * SPACE_MARGIN and self._deleting:
             # Retention may still be deleting a pruned checkpoint: what it frees counts. Waited for only
-            # here: with room enough the save (and the training thread) does not wait for a deletion.
+            # when short of room: otherwise the save (and the training thread) goes on while it deletes.
             self.close()
             free = shutil.disk_usage(self.root).free
         if free < needed * SPACE_MARGIN:
@@ -497,8 +498,15 @@ class CheckpointManager:
         self._delete_in_background(doomed)
 
     def _delete_in_background(self, folders: list[Path]) -> None:
+        """Move `folders` out of the resume path (hidden names) and delete them on a thread of their own,
+        beside any still running (not waited for: a deletion slower than the save interval must not stall
+        the commit that prunes next); a folder a running thread already deletes is left to it."""
+        self._deleting = [(t, paths) for t, paths in self._deleting if t.is_alive()]
+        busy = {p for _, paths in self._deleting for p in paths}
         aside = []
         for folder in folders:
+            if folder in busy:
+                continue
             hidden = (
                 folder if folder.name.startswith(".") else folder.with_name(f".{folder.name}{PRUNED_SUFFIX}")
             )
@@ -509,19 +517,19 @@ class CheckpointManager:
             except OSError:
                 shutil.rmtree(folder, ignore_errors=True)
         if aside:
-            self.close()  # one deletion thread at a time
-            self._deleting = threading.Thread(
+            thread = threading.Thread(
                 target=lambda: [shutil.rmtree(p, ignore_errors=True) for p in aside],
                 name="checkpoint-prune",
                 daemon=True,
             )
-            self._deleting.start()
+            thread.start()
+            self._deleting.append((thread, aside))
 
     def close(self) -> None:
         """Wait for retention's deletions to end (rank 0 runs them; the job's end, tests)."""
-        if self._deleting is not None:
-            self._deleting.join()
-            self._deleting = None
+        for thread, _ in self._deleting:
+            thread.join()
+        self._deleting = []
 
     # ------------------------------------------------------------------------------------------ find
 

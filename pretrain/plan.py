@@ -90,9 +90,10 @@ CPU_DECODE_MPIX_S = 47.0
 # CPU cores per GPU a node has when --cpus-per-node is not given: DGX H100/H200 (112 cores, 8 GPUs).
 DEFAULT_CORES_PER_GPU = 14
 # A committed save (write, fsync, per-file digest, manifest) runs at about half a plain write + fsync
-# of the same bytes (benchmarks/checkpoint_speed.py on this project's 2-core VMs: 0.57-0.60 for an async
-# save from host buffers, the stop save of a run that saves periodically, since BLAKE3 digests, 0.40-0.62
-# with SHA-256; 0.25-0.49 synchronous). Kept at 0.5: conservative.
+# of the same bytes (benchmarks/checkpoint_speed.py on this project's 2-core VMs, coatnet_1: async save
+# from host buffers, the stop save of a run that saves periodically, 0.51 with SHA-256 digests and 0.56
+# with BLAKE3 in one session's runs of the same benchmark, then 0.60 with its timing corrected; coatnet_3
+# 0.62 with SHA-256; synchronous 0.25-0.49). Kept at 0.5: conservative.
 SAVE_EFFICIENCY = 0.5
 # GB/s at which one rank copies its checkpoint share into host memory during an async save (torch.save of
 # its GPU tensors into a host buffer: a device-to-host copy, then a copy into the buffer). A conservative

@@ -97,6 +97,39 @@ def test_a_flipped_byte_fails_verification_naming_the_file(tmp_path: Path) -> No
     assert mgr.verify(path) == [OPTIM_FILE]
 
 
+def test_a_save_waits_for_retentions_deletions_only_when_short_of_room(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A slow deletion of pruned checkpoints (a disk that frees slowly) stalls neither the next save nor
+    its commit; only a save that lacks room waits for it, since what it frees counts."""
+    import shutil
+    import threading
+
+    import pretrain.checkpoint as ckpt
+
+    release, rmtree, usage = threading.Event(), shutil.rmtree, shutil.disk_usage(tmp_path)
+
+    def slow_rmtree(path, *args, **kwargs):
+        if str(path).endswith(ckpt.PRUNED_SUFFIX):
+            release.wait(60)
+        return rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", slow_rmtree)
+    mgr = manager(tmp_path, keep_last=1)
+    for step in (1, 2, 3):  # the commits of 2 and 3 prune 1 and 2: both deletions hang
+        mgr.save(FileWritingEngine(), step, {})
+    pruned = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(ckpt.PRUNED_SUFFIX))
+    assert pruned == [f".{tag_for(1)}{ckpt.PRUNED_SUFFIX}", f".{tag_for(2)}{ckpt.PRUNED_SUFFIX}"]
+    assert (tmp_path / POINTER).read_text().strip() == tag_for(3)
+
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda _: usage._replace(free=1000))
+    threading.Timer(0.5, release.set).start()
+    with pytest.raises(ckpt.SaveFailed, match="no space"):
+        mgr.save(FileWritingEngine(), 4, {})
+    assert release.is_set()  # refused only after the deletions it waited for
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(ckpt.PRUNED_SUFFIX)]
+
+
 def test_retention_keeps_last_k_and_every_mth_and_drops_universal_and_debris(tmp_path: Path) -> None:
     mgr = manager(tmp_path, keep_last=2, keep_every=30)
     mgr.save(FileWritingEngine(), 10, {})

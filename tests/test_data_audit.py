@@ -96,22 +96,24 @@ def test_a_headerless_jpeg_in_a_full_batch_is_found_although_dali_may_crash_on_i
         assert probe.decodes(blobs[6:PROBE_BATCH])  # and it still decodes after whatever happened
 
 
-def test_a_probe_child_that_hangs_on_a_batch_is_killed_and_the_next_batch_gets_a_fresh_one(
-    digit_wds, monkeypatch
-):
-    """A decoder that hangs must not hang the error path that asked: the batch counts as a crash."""
+def test_a_probe_child_that_hangs_on_a_batch_is_killed_and_the_next_batch_gets_a_fresh_one(monkeypatch):
+    """A decoder that hangs must not hang the error path that asked: the batch counts as a crash. The
+    batch (8 photographs, ~1 MB) is larger than a pipe's buffer, so the hung child blocks the write too."""
+    import io
     import signal
 
     from data_pipeline import decode_probe
+    from data_pipeline.sample_data import photograph
 
-    data = digit_wds["train"]
-    info = load_manifest(data)[0].shards[0]
-    blobs = [read_member(data / info.name, e.component("jpg")) for e in read_index(data / info.index)[:8]]
-    monkeypatch.setattr(decode_probe, "BATCH_TIMEOUT_S", 2.0)
+    jpeg = io.BytesIO()
+    photograph("china").save(jpeg, "JPEG", quality=95)
+    blobs = [jpeg.getvalue()] * 8
+    assert sum(map(len, blobs)) > 1 << 20
+    monkeypatch.setattr(decode_probe, "BATCH_TIMEOUT_S", 3.0)
     with DecodeProbe() as probe:
         assert probe.decodes(blobs)
         hung = probe._child
-        os.kill(hung.pid, signal.SIGSTOP)  # a real process that never answers
+        os.kill(hung.pid, signal.SIGSTOP)  # a real process that neither reads nor answers
         assert not probe.decodes(blobs)
         assert hung.returncode == -signal.SIGKILL and probe.crashes == 1
         assert probe.decodes(blobs) and probe._child is not hung
