@@ -81,7 +81,9 @@ class DecodeProbe:
         request = struct.pack(f"<I{len(blobs)}Q", len(blobs), *(len(b) for b in blobs)) + b"".join(blobs)
         # Written from a thread: a child that stops reading would block a write larger than the pipe's
         # buffer; the deadline below then kills it, which ends that write (BrokenPipeError, swallowed).
-        writer = threading.Thread(target=_send, args=(child.stdin, request), name="decode-probe-send")
+        writer = threading.Thread(
+            target=_send, args=(child.stdin, request), name="decode-probe-send", daemon=True
+        )
         writer.start()
         answer = read_byte(child, BATCH_TIMEOUT_S)
         writer.join()
