@@ -156,10 +156,11 @@ def main() -> None:
         # Async, timed as one span (a sync between the two parts would flush the background write's
         # pages untimed): what training waits for (until save returns), then the background write to
         # the commit (`finish`, nothing else running meanwhile).
-        rows["async"].append(timed(lambda: saved.append(save_async(background, engine, i)), settled))  # noqa: B023
-        rows["blocked"].append(float(dist.all_reduce_max(torch.tensor([saved[1][0]]))))
-        saved[1] = saved[1][1]
-        rows["background"].append(float(dist.all_reduce_max(torch.tensor([saved[1].timings["seal"]]))))
+        outcome = []
+        rows["async"].append(timed(lambda: outcome.append(save_async(background, engine, i)), settled))  # noqa: B023
+        blocked, committed = outcome[0]
+        rows["blocked"].append(float(dist.all_reduce_max(torch.tensor([blocked]))))
+        rows["background"].append(float(dist.all_reduce_max(torch.tensor([committed.timings["seal"]]))))
         tag = root / "sync" / tag_for(i)
         rows["load"].append(timed(lambda: engine.load_checkpoint(str(tag.parent), tag=tag.name), settled))  # noqa: B023
         total = folder_bytes(tag)

@@ -33,6 +33,7 @@ from data_pipeline.pipeline import MEAN, STD
 from data_pipeline.sample_data import photograph
 
 BATCH, CROP, SIDE = 64, 224, 256
+SCALE, RATIO = (0.08, 1.0), (3 / 4, 4 / 3)  # random resized crop, on both sides
 
 
 def write_photos(out: Path, count: int) -> Path:
@@ -82,7 +83,7 @@ def dali_raw_rate(train: Path, threads: int, count: int) -> float:
 
     ds = ShardedDataset(train)
     pipe = train_pipeline(
-        TrainAugment(CROP, (0.08, 1.0), (0.75, 1.3333), True, 0, 9),
+        TrainAugment(CROP, SCALE, RATIO, True, 0, 9),
         placement("cpu", torch.device("cpu")),
         paths=[str(p) for p in ds.tar_paths],
         index_paths=[str(p) for p in ds.index_paths],
@@ -114,8 +115,9 @@ def dali_stage_rates(train: Path, count: int) -> dict[str, float]:
                 jpegs,
                 device="cpu",
                 output_type=types.RGB,
-                random_area=[0.08, 1.0],
-                random_aspect_ratio=[0.75, 4 / 3],
+                random_area=list(SCALE),
+                random_aspect_ratio=list(RATIO),
+                num_attempts=10,  # as pipeline.train_pipeline
             )
             if stage == "decode":
                 return images
@@ -138,8 +140,8 @@ def random_resized_crop(im: Image.Image, rng: random.Random) -> Image.Image:
     """torchvision's RandomResizedCrop sampling, written with PIL (10 tries, then the whole image)."""
     width, height = im.size
     for _ in range(10):
-        area = width * height * rng.uniform(0.08, 1.0)
-        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        area = width * height * rng.uniform(*SCALE)
+        ratio = math.exp(rng.uniform(*map(math.log, RATIO)))
         w, h = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
         if 0 < w <= width and 0 < h <= height:
             left, top = rng.randint(0, width - w), rng.randint(0, height - h)
